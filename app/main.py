@@ -1,0 +1,194 @@
+"""The HTTP API. Routes are thin: validate, call the job store or enqueue by task name, map the result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any
+
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from app import errors
+from app.errors import ApiError
+from app.jobstore import JobStore, new_job_id
+from app.schemas import (
+    ErrorEnvelope,
+    GenerateRequest,
+    GenerateResponse,
+    Job,
+    JobCreate,
+    JobId,
+    JobList,
+    JobStatus,
+    template_fields,
+)
+from app.settings import Settings, get_settings
+from worker.celery_app import GENERATE_QUEUE, GENERATE_TASK, TRAIN_QUEUE, TRAIN_TASK, celery_app
+
+log = logging.getLogger("ftaas.api")
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorEnvelope} for s in (400, 404, 409, 422, 502, 503, 504)}
+
+app = FastAPI(
+    title="ftaas",
+    version="0.1.0",
+    description="Fine-tune as a service: LoRA adapters on 4-bit NF4 base models, trained and served by GPU workers.",
+    responses=_ERRORS,
+)
+errors.install(app)
+
+
+@app.exception_handler(redis.RedisError)
+def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+    log.warning("redis unavailable: %s", exc)
+    return errors.envelope(503, "store_unavailable", "the job store (Redis) is not answering; try again shortly")
+
+
+_store: JobStore | None = None
+
+
+def store() -> JobStore:
+    global _store
+    if _store is None:
+        s = get_settings()
+        _store = JobStore.from_url(s.redis_url, s.redis_prefix)
+    return _store
+
+
+Store = Annotated[JobStore, Depends(store)]
+Config = Annotated[Settings, Depends(get_settings)]
+
+
+def _get_job(st: JobStore, job_id: str) -> dict[str, Any]:
+    job = st.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}", "id")
+    return job
+
+
+@app.get("/healthz", tags=["ops"])
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/readyz", tags=["ops"])
+def readyz(st: Store, cfg: Config) -> JSONResponse:
+    """200 when Redis answers and a worker consumes each queue; 503 naming what is missing."""
+    missing: list[str] = []
+    try:
+        st.ping()
+    except redis.RedisError:
+        return errors.envelope(503, "not_ready", "redis is not answering")
+    replies = celery_app.control.inspect(timeout=cfg.readiness_timeout_s).active_queues() or {}
+    served = {q["name"] for queues in replies.values() for q in queues}
+    missing = [f"worker for queue {q!r}" for q in (TRAIN_QUEUE, GENERATE_QUEUE) if q not in served]
+    if missing:
+        return errors.envelope(503, "not_ready", "missing: " + ", ".join(missing))
+    return JSONResponse({"status": "ready", "redis": "ok", "workers": sorted(replies)})
+
+
+@app.post("/jobs", status_code=202, response_model=Job, tags=["jobs"])
+def create_job(body: JobCreate, response: Response, st: Store, cfg: Config) -> dict[str, Any]:
+    base_model = body.base_model or cfg.default_base_model
+    if base_model not in cfg.known_models:
+        raise ApiError(422, "unknown_base_model",
+                       f"unknown base model {base_model!r}; known: {', '.join(cfg.known_models)}", "base_model")
+    if body.dataset.rows is not None:
+        fields = template_fields(body.template)
+        for i, row in enumerate(body.dataset.rows):
+            lacking = [f for f in fields if f not in row]
+            if lacking:
+                raise ApiError(422, "template_field_missing",
+                               f"template field {lacking[0]!r} is missing from dataset.rows[{i}]", "template")
+    payload = body.model_dump()
+    payload["base_model"] = base_model
+    if payload["hyperparameters"]["seed"] is None:
+        payload["hyperparameters"]["seed"] = int(time.time_ns() % (2**31 - 1))
+    public = {**payload, "dataset": _dataset_summary(payload["dataset"])}
+
+    job_id = new_job_id()
+    st.create(job_id, payload, public, payload["hyperparameters"]["max_steps"])
+    try:
+        celery_app.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+    except Exception as e:
+        log.exception("enqueue failed for %s", job_id)
+        st.fail(job_id, "queue_unavailable", "the job could not be queued")
+        raise ApiError(503, "queue_unavailable", "the task queue is not answering; the job was not queued") from e
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return _get_job(st, job_id)
+
+
+def _dataset_summary(dataset: dict[str, Any]) -> dict[str, Any]:
+    if dataset.get("rows") is not None:
+        return {"rows": {"count": len(dataset["rows"])}}
+    return {k: v for k, v in dataset.items() if v is not None}
+
+
+@app.get("/jobs", response_model=JobList, tags=["jobs"])
+def list_jobs(
+    st: Store,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    after: Annotated[JobId | None, Query(description="The `next_after` of the previous page.")] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+) -> dict[str, Any]:
+    jobs, has_more = st.list(limit, after, status)
+    return {"data": jobs, "has_more": has_more, "next_after": jobs[-1]["id"] if has_more and jobs else None}
+
+
+@app.get("/jobs/{job_id}", response_model=Job, tags=["jobs"])
+def get_job(job_id: str, st: Store) -> dict[str, Any]:
+    return _get_job(st, job_id)
+
+
+@app.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, tags=["jobs"])
+def cancel_job(job_id: str, st: Store) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one stops at its next step (202 either way)."""
+    accepted, status = st.request_cancel(job_id)
+    if status is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}", "id")
+    if not accepted:
+        raise ApiError(409, "job_finished", f"job {job_id} already ended with status {status!r}")
+    return _get_job(st, job_id)
+
+
+@app.post("/generate", response_model=GenerateResponse, tags=["generate"])
+def generate(body: GenerateRequest, st: Store, cfg: Config) -> dict[str, Any]:
+    t0 = time.monotonic()
+    if body.adapter:
+        job = st.get(body.adapter)
+        if job is None:
+            raise ApiError(404, "adapter_not_found", f"no adapter {body.adapter!r}", "adapter")
+        if job["status"] != "succeeded":
+            raise ApiError(409, "adapter_not_ready",
+                           f"job {body.adapter} is {job['status']}; adapters exist once a job succeeds", "adapter")
+        base_model, quantization = job["request"]["base_model"], job["request"]["hyperparameters"]["quantization"]
+        if body.base_model and body.base_model != base_model:
+            raise ApiError(422, "base_model_mismatch",
+                           f"adapter {body.adapter} was trained on {base_model!r}", "base_model")
+    else:
+        base_model, quantization = body.base_model or cfg.default_base_model, "nf4"
+        if base_model not in cfg.known_models:
+            raise ApiError(422, "unknown_base_model",
+                           f"unknown base model {base_model!r}; known: {', '.join(cfg.known_models)}", "base_model")
+    task_req = body.model_dump(exclude={"prompt", "prompts"}) | {
+        "prompts": body.prompt_list, "base_model": base_model, "quantization": quantization}
+    result = celery_app.send_task(GENERATE_TASK, args=[task_req, time.time()], queue=GENERATE_QUEUE)
+    try:
+        reply = result.get(timeout=cfg.generate_timeout_s)
+    except CeleryTimeout:
+        result.revoke()
+        raise ApiError(504, "generate_timeout",
+                       f"no generate worker answered within {cfg.generate_timeout_s:g} s; try again") from None
+    except Exception as e:  # the task raised: its traceback is in the worker's log
+        log.warning("generate task failed: %s", e)
+        raise ApiError(502, "generate_failed", "generation failed on the worker; see the worker log") from None
+    finally:
+        result.forget()
+    if "error" in reply:
+        status = 404 if reply["error"]["code"] == "adapter_not_found" else 422
+        raise ApiError(status, reply["error"]["code"], reply["error"]["message"])
+    out: dict[str, Any] = reply["result"]
+    out["timing"]["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
+    return out

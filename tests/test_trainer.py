@@ -1,0 +1,64 @@
+"""The trainer is a plain function: it runs without Celery or Redis, and stops when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.schemas import JobCreate
+from app.settings import Settings
+from worker.errors import UserFacingError
+from worker.trainer import train
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.steps: list[int] = []
+        self.stop_after = stop_after
+
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None:
+        self.steps.append(step)
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+
+def _payload(rows: list[dict[str, Any]], **hp: Any) -> dict[str, Any]:
+    body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": rows}, "hyperparameters": {
+        "max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 64,
+        "gradient_checkpointing": False, "seed": 1} | hp})
+    return body.model_dump()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, device="cpu")
+
+
+def test_trains_reports_every_step_and_saves(settings: Settings, tmp_path: Path,
+                                             quotes: list[dict[str, Any]]) -> None:
+    rec = Recorder()
+    out = tmp_path / "adapter"
+    outcome = train(_payload(quotes[:8]), out, rec, settings)
+    assert not outcome.cancelled and outcome.steps == 3 and rec.steps == [1, 2, 3]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert set(outcome.seconds) == {"data", "load", "train", "save"}
+
+
+def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Path,
+                                                quotes: list[dict[str, Any]]) -> None:
+    rec = Recorder(stop_after=2)
+    out = tmp_path / "adapter"
+    outcome = train(_payload(quotes[:8], max_steps=500), out, rec, settings)
+    assert outcome.cancelled and outcome.steps == 2
+    assert not out.exists()
+
+
+def test_template_field_missing_is_a_user_error(settings: Settings, tmp_path: Path) -> None:
+    payload = _payload([{"quote": "q", "author": "a"}])
+    payload["template"] = "Quote: {quote} ({year})"
+    with pytest.raises(UserFacingError) as e:
+        train(payload, tmp_path / "x", Recorder(), settings)
+    assert e.value.code == "template_field_missing" and "'year'" in e.value.message

