@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS: list[TargetModule] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEFAULT_TEMPLATE = "Quote: {quote}\nAuthor: {author}"
 MAX_INLINE_ROWS = 10_000
@@ -21,6 +22,8 @@ ShortStr = Annotated[str, StringConstraints(max_length=200)]
 CellValue = Annotated[str, StringConstraints(max_length=20_000)] | int | float | bool | None
 Row = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)], CellValue], Field(max_length=64)]
 HubId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", max_length=200)]
+Key = Annotated[str, StringConstraints(max_length=64)]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
 JobId = Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{22}$")]
 
 
@@ -69,7 +72,7 @@ class LoraSpec(Strict):
     alpha: int = Field(8, ge=1, le=1024, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, le=0.5, description="LoRA dropout.")
     target_modules: list[TargetModule] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(ALL_PROJECTIONS),
         min_length=1,
         max_length=7,
         description="Projections that get adapters.",
@@ -97,8 +100,8 @@ class JobCreate(Strict):
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: ShortStr | None = Field(None, description="A label for the job.")
-    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] = (
-        Field(default_factory=dict, max_length=16, description="Up to 16 string pairs, stored with the job.")
+    metadata: dict[Key, MetaValue] = Field(
+        default_factory=dict, max_length=16, description="Up to 16 string pairs, stored with the job."
     )
 
     @field_validator("template")

@@ -79,7 +79,7 @@ def main() -> int:
     while not stopping:
         for p in procs:
             if p.poll() is not None:
-                print(f"ftaas: {' '.join(map(str, p.args))} exited with {p.returncode}; stopping", flush=True)
+                print(f"ftaas: {p.args!r} exited with {p.returncode}; stopping", flush=True)
                 stopping, code = True, 1
         time.sleep(0.5)
     for p in reversed(procs):

@@ -163,7 +163,8 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str] = TERMINAL,
         time.sleep(0.3)
 
 
-def assert_error(resp: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> dict[str, Any]:
+def assert_error(resp: httpx.Response, status: int, code: str | None = None,
+                 field: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, body

@@ -52,7 +52,8 @@ def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Pa
     rec = Recorder(stop_after=2)
     out = tmp_path / "adapter"
     outcome = train(_payload(quotes[:8], max_steps=500), out, rec, settings)
-    assert outcome.cancelled and outcome.steps == 2
+    # the cancel is seen once step 2 is reported; the step in progress (3) is the last one
+    assert outcome.cancelled and outcome.steps == 3 and rec.steps == [1, 2, 3]
     assert not out.exists()
 
 

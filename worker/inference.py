@@ -11,6 +11,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 @dataclass
@@ -115,12 +116,9 @@ class Engine:
             kwargs |= {"stop_strings": req["stop"], "tokenizer": tok}
         if req.get("seed") is not None:
             set_seed(req["seed"])
-        with torch.inference_mode():
-            if isinstance(model, PeftModel) and not req.get("adapter"):
-                with model.disable_adapter():
-                    out = model.generate(**enc, **kwargs)
-            else:
-                out = model.generate(**enc, **kwargs)
+        base_only = isinstance(model, PeftModel) and not req.get("adapter")
+        with torch.inference_mode(), model.disable_adapter() if base_only else nullcontext():  # type: ignore[union-attr,operator]
+            out = model.generate(**enc, **kwargs)  # type: ignore[operator]
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         outputs = [self._decode(tok, row, req.get("stop") or []) for row in new_tokens]
         gen_ms = (time.monotonic() - t1) * 1000

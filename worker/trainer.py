@@ -143,7 +143,7 @@ def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: 
     t = time.monotonic()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
+    trainer.model.save_pretrained(tmp)  # type: ignore[union-attr,operator]
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)
     seconds["save"] = time.monotonic() - t

@@ -1,0 +1,367 @@
+"""GPU smoke benchmark: the service's own trainer and inference engine on the google/gemma-2b architecture.
+
+One process: build google/gemma-2b with random weights (vocab 262,144 for the Gemma 3 tokenizer), train the
+job defaults with ``worker.trainer.train`` (NF4, LoRA r=8 on all seven projections, batch 1 x accumulation 4,
+100 steps, gradient checkpointing) on the 651 quotes, then generate with ``worker.inference.Engine`` with and
+without the adapter. Prints a table last.
+
+Inputs (copy them into the ignored ``.gpu/`` folder, which the GPU call carries):
+  .gpu/gemma-2b-config.json   from ../shared/gemma-2b-config.json
+  .gpu/tokenizer.json.gz      from ../shared/gpu/data/ (the Gemma 3 tokenizer)
+  .gpu/tokenizer_config.json  from ../shared/gpu/data/
+  .gpu/quotes.jsonl           from ../shared/gpu/data/
+
+Usage:
+  python bench/gpu_smoke.py --tiny            # CPU, tiny Gemma, 3 steps: checks the script in seconds
+  python bench/gpu_smoke.py --out $OUT        # GPU: the real figures (see bench/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM  # noqa: E402
+
+import worker.models  # noqa: E402
+import worker.trainer  # noqa: E402
+from app.schemas import GenerateRequest, JobCreate  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from worker.inference import Engine  # noqa: E402
+
+HUB_ID = "google/gemma-2b"
+PROMPTS = [
+    "Quote: Imagination is more",
+    "Quote: The only way to do great",
+    "Quote: In the middle of difficulty",
+    "Quote: Life is what happens",
+    "Quote: Be yourself; everyone else",
+    "Quote: It always seems impossible",
+    "Quote: Stay hungry,",
+    "Quote: The best time to plant a tree",
+]
+
+
+def log(*x: Any) -> None:
+    print(*x, flush=True)
+
+
+class RecordingReporter:
+    """The trainer's Reporter protocol: records when each step was reported and its metrics."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.steps: list[int] = []
+
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None:
+        self.times.append(time.monotonic())
+        self.steps.append(step)
+        if "loss" in metrics:
+            self.losses.append(metrics["loss"])
+        if step == 1 or step % 10 == 0 or step == total_steps:
+            shown = json.dumps({k: round(v, 5) for k, v in metrics.items()})
+            log(f"  step {step}/{total_steps} eta {eta_seconds} {shown}")
+
+    def should_stop(self) -> bool:
+        return False
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+def build_model(src: Path, model_dir: Path, tiny: bool, device: str) -> tuple[int, float]:
+    """google/gemma-2b with random weights (or a tiny Gemma) + the Gemma 3 tokenizer, saved to ``model_dir``."""
+    t = time.monotonic()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(src / "tokenizer.json.gz") as f, open(model_dir / "tokenizer.json", "wb") as g:
+        shutil.copyfileobj(f, g)
+    shutil.copy(src / "tokenizer_config.json", model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cfg = json.loads((src / "gemma-2b-config.json").read_text())
+    cfg["vocab_size"] = 262144
+    assert len(tok) <= cfg["vocab_size"], (len(tok), cfg["vocab_size"])
+    if tiny:  # same family, CPU-sized (bnb's CPU kernels want dims % 32 == 0)
+        cfg |= dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        cfg.pop(k, None)
+    config = GemmaConfig(**cfg)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GemmaForCausalLM(config).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n, time.monotonic() - t
+
+
+def patch_hub(model_dir: Path) -> None:
+    """There is no hub on the benchmark machine (and google/gemma-2b is gated): the hub download is the one
+    part of the path that cannot exist here. Point that hub id, and only it, at the local folder built above;
+    everything after ``_source`` (AutoTokenizer/AutoModelForCausalLM.from_pretrained with NF4) is the service's."""
+    original = worker.models._source
+
+    def _source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
+        if name == HUB_ID:
+            return str(model_dir), {}
+        return original(name, settings)
+
+    worker.models._source = _source
+
+
+def count_tokens_fed() -> dict[str, int]:
+    """Counts the input ids that reach the embedding during training (hooked on the model the trainer loads).
+
+    With batch 1 nothing is padded, so this is the non-padding token count; for batch > 1 it would include pads.
+    """
+    counter = {"tokens": 0, "calls": 0, "active": 1}
+    original = worker.trainer.load_model
+
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        model = original(*args, **kwargs)
+
+        def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+            if counter["active"] and inputs and torch.is_tensor(inputs[0]):
+                counter["tokens"] += int(inputs[0].numel())
+                counter["calls"] += 1
+
+        model.get_input_embeddings().register_forward_pre_hook(hook)
+        return model
+
+    worker.trainer.load_model = load_model
+    return counter
+
+
+def gen_request(prompts: list[str], adapter: str | None, base_model: str, max_new_tokens: int) -> dict[str, Any]:
+    """What app/main.py sends to the generate task: the validated body + prompts, base model, quantization."""
+    body = GenerateRequest(prompts=prompts, adapter=adapter, max_new_tokens=max_new_tokens, do_sample=False)
+    return body.model_dump(exclude={"prompt", "prompts"}) | {
+        "prompts": body.prompt_list, "base_model": base_model, "quantization": "nf4"}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny Gemma, 3 steps")
+    ap.add_argument("--src", default=str(ROOT / ".gpu"), help="folder with the config, tokenizer and quotes")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""), help="where results.json goes (optional)")
+    ap.add_argument("--work", default=None, help="scratch folder for the model and adapters (default: a temp dir)")
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: the job default, 100)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    a = ap.parse_args()
+
+    device = "cpu" if a.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device; use --tiny on the CPU")
+        return 2
+    src = Path(a.src)
+    work = Path(a.work or tempfile.mkdtemp(prefix="ftaas-gpu-smoke-"))
+    model_dir, data_dir = work / "gemma-2b", work / "data"
+
+    import peft
+    import transformers
+    import trl
+    log("versions: torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
+        "trl", trl.__version__, "python", sys.version.split()[0])
+    if device == "cuda":
+        import bitsandbytes
+        log("bitsandbytes", bitsandbytes.__version__, "device", torch.cuda.get_device_name(0))
+
+    row: dict[str, Any] = {}
+    errors: list[str] = []
+
+    # 1. the model: google/gemma-2b architecture, random weights, bf16, saved with the Gemma 3 tokenizer
+    nparams, build_s = build_model(src, model_dir, a.tiny, device)
+    log(f"built {'tiny Gemma' if a.tiny else HUB_ID} with random weights: {nparams / 1e9:.3f} B params, "
+        f"built and saved in {build_s:.1f} s to {model_dir}")
+    row["params"] = nparams
+    row["build_save_s"] = build_s
+    patch_hub(model_dir)
+    fed = count_tokens_fed()
+
+    # 2. the service's trainer on the job defaults
+    rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
+    job = JobCreate.model_validate({"base_model": HUB_ID, "dataset": {"rows": rows}})
+    payload = job.model_dump()
+    payload["hyperparameters"]["seed"] = 42  # app/main.py picks one when absent; fixed here to be repeatable
+    if a.tiny:
+        payload["hyperparameters"]["max_steps"] = 3
+    if a.steps:
+        payload["hyperparameters"]["max_steps"] = a.steps
+    hp = payload["hyperparameters"]
+    log("hyperparameters:", json.dumps(hp))
+    settings = Settings(device=device, data_dir=data_dir)
+    job_id = "job_" + uuid.uuid4().hex[:22]
+    out_dir = settings.adapter_dir / job_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = [job.template.format_map(r) for r in rows]
+    lens = [len(tok(t)["input_ids"]) for t in texts]
+    row["mean_example_tokens"] = statistics.mean(lens)
+    log(f"data: {len(rows)} rows, mean {statistics.mean(lens):.1f} tokens (tokenizer, with BOS), max {max(lens)}")
+
+    reporter = RecordingReporter()
+    trained = False
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        outcome = worker.trainer.train(payload, out_dir, reporter, settings)
+        trained = not outcome.cancelled and (out_dir / "adapter_config.json").is_file()
+        row |= {f"{k}_s": v for k, v in outcome.seconds.items()}
+        row["steps"] = outcome.steps
+        row["losses"] = outcome.losses
+        log("train outcome:", json.dumps({"cancelled": outcome.cancelled, "steps": outcome.steps,
+                                          "seconds": {k: round(v, 2) for k, v in outcome.seconds.items()}}))
+    except Exception as e:
+        errors.append(f"train: {type(e).__name__}: {e}")
+        log("TRAIN FAILED")
+        traceback.print_exc()
+        sys.stdout.flush()
+    fed["active"] = 0
+    if device == "cuda":
+        row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    examples = hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"]
+    row["examples"] = examples
+    row["tokens_fed"] = fed["tokens"]
+    row["embedding_calls"] = fed["calls"]
+    steps_s = reporter.step_seconds()
+    if steps_s:
+        row["step_s_median"] = statistics.median(steps_s)
+        row["step_s_first_reported_gap"] = steps_s[0]
+    if trained:
+        row["adapter_files"] = sorted(p.name for p in out_dir.iterdir())
+        row["adapter_mib"] = sum(p.stat().st_size for p in out_dir.iterdir()) / 2**20
+        log("adapter:", out_dir, row["adapter_files"], f"{row['adapter_mib']:.1f} MiB")
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # 3. the service's engine: base and adapter, batch 1 and 8, greedy, one warm-up each
+    engine = Engine(settings)
+    gen: dict[str, dict[str, Any]] = {}
+    texts_seen: dict[str, list[str]] = {}
+    plan = [("base", None, 1), ("base", None, 8)]
+    if trained:
+        plan += [("adapter", job_id, 1), ("adapter", job_id, 8), ("base+loaded", None, 1), ("base+loaded", None, 8)]
+    for label, adapter, bs in plan:
+        key = f"{label}_b{bs}"
+        try:
+            t = time.monotonic()
+            warm = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, 8))
+            sync()
+            warm_s = time.monotonic() - t
+            t = time.monotonic()
+            res = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, a.new_tokens))
+            sync()
+            wall = time.monotonic() - t
+            ntok = sum(o["tokens"] for o in res["outputs"])
+            gen[key] = {"warmup_s": warm_s, "warmup_load_ms": warm["timing"]["load_ms"], "wall_s": wall,
+                        "generate_ms": res["timing"]["generate_ms"], "tokens": ntok,
+                        "tokens_per_s": ntok / (res["timing"]["generate_ms"] / 1000),
+                        "finish": [o["finish_reason"] for o in res["outputs"]]}
+            texts_seen[key] = [o["text"] for o in res["outputs"]]
+            shown = json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in gen[key].items()})
+            log(f"generate {key}: {shown}")
+            log(f"  first output: {res['outputs'][0]['text'][:120]!r}")
+        except Exception as e:
+            errors.append(f"generate {key}: {type(e).__name__}: {e}")
+            log(f"GENERATE FAILED {key}")
+            traceback.print_exc()
+            sys.stdout.flush()
+    if device == "cuda":
+        row["generate_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    checks = {}
+    for bs in (1, 8):
+        b, ad, bl = (texts_seen.get(f"{x}_b{bs}") for x in ("base", "adapter", "base+loaded"))
+        if b is not None and bl is not None:
+            checks[f"base output unchanged with the adapter loaded but disabled (b{bs})"] = b == bl
+        if b is not None and ad is not None:
+            checks[f"adapter output differs from base (b{bs})"] = b != ad
+    for k, v in checks.items():
+        log(f"check: {k}: {v}")
+
+    # 4. the table, last
+    tr_s = row.get("train_s")
+    losses = row.get("losses") or []
+    table = [
+        ("device", torch.cuda.get_device_name(0) if device == "cuda" else "cpu (--tiny)"),
+        ("model", f"{'tiny Gemma' if a.tiny else HUB_ID + ' architecture'}, random weights, "
+                  f"{nparams / 1e9:.3f} B params, NF4 (bf16 compute)"),
+        ("build + save random model s (setup, not the service)", f"{build_s:.1f}"),
+        ("model load s (trainer: tokenizer + NF4 load)", _f(row.get("load_s"), 1)),
+        ("data s (trainer: render rows)", _f(row.get("data_s"), 2)),
+        ("train s (trainer.train())", _f(tr_s, 1)),
+        ("save s (adapter + tokenizer)", _f(row.get("save_s"), 2)),
+        ("steps", f"{row.get('steps', 'n/a')} (batch {hp['batch_size']} x accumulation "
+                  f"{hp['gradient_accumulation_steps']} = {examples} examples)"),
+        ("median step s", _f(row.get("step_s_median"), 3)),
+        ("tokens fed (non-padding at batch 1)", f"{fed['tokens']:,} in {fed['calls']} micro-batches"),
+        ("tokens/s (train)", _f(fed["tokens"] / tr_s if tr_s else None, 1)),
+        ("samples/s (train)", _f(examples / tr_s if tr_s else None, 2)),
+        ("peak GPU memory, training (max_memory_allocated)", _gib(row.get("train_peak_gib"))),
+        ("peak GPU memory, generation", _gib(row.get("generate_peak_gib"))),
+        ("loss first / last", f"{_f(losses[0] if losses else None, 4)} / {_f(losses[-1] if losses else None, 4)}"),
+    ]
+    for label in ("base", "adapter", "base+loaded"):
+        for bs in (1, 8):
+            g = gen.get(f"{label}_b{bs}")
+            if g is None:
+                continue
+            name = {"base": "base", "adapter": "adapter", "base+loaded": "base, adapter loaded but disabled"}[label]
+            table.append((f"generate tokens/s, {name}, batch {bs} (greedy {a.new_tokens} new)",
+                          f"{g['tokens_per_s']:.1f} ({g['tokens']} tokens in {g['generate_ms'] / 1000:.2f} s)"))
+    for k, v in checks.items():
+        table.append((f"check: {k}", "yes" if v else "NO"))
+    table.append(("errors", "; ".join(errors) if errors else "none"))
+
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "results.json").write_text(json.dumps(
+            {"row": row, "generate": gen, "checks": checks, "errors": errors, "texts": texts_seen,
+             "step_seconds": steps_s, "hyperparameters": hp}, indent=1, default=str))
+    log("\nTABLE")
+    log("| metric | value |")
+    log("|---|---|")
+    for k, v in table:
+        log(f"| {k} | {v} |")
+    return 1 if errors else 0
+
+
+def _f(x: float | None, nd: int) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
