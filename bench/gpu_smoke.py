@@ -174,6 +174,7 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch folder for the model and adapters (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: the job default, 100)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed generate runs per combination, after a warm-up")
     a = ap.parse_args()
 
     device = "cpu" if a.tiny else "cuda"
@@ -264,32 +265,45 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    # 3. the service's engine: base and adapter, batch 1 and 8, greedy, one warm-up each
+    # 3. the service's engine: base and adapter, batch 1 and 8, greedy; per combination one warm-up, then
+    # --repeats timed runs (median reported). The plain base is measured first on one engine and again last on a
+    # second, fresh engine, so an order effect (warm-up, clocks, neighbours) shows up as a difference between them.
     engine = Engine(settings)
     gen: dict[str, dict[str, Any]] = {}
     texts_seen: dict[str, list[str]] = {}
-    plan = [("base", None, 1), ("base", None, 8)]
+    plan: list[tuple[str, str | None, int]] = [("base", None, 1), ("base", None, 8)]
     if trained:
         plan += [("adapter", job_id, 1), ("adapter", job_id, 8), ("base+loaded", None, 1), ("base+loaded", None, 8)]
+    plan += [("base-last", None, 1), ("base-last", None, 8)]
     for label, adapter, bs in plan:
         key = f"{label}_b{bs}"
         try:
+            if label == "base-last" and bs == 1:
+                del engine
+                gc.collect()
+                engine = Engine(settings)
             t = time.monotonic()
             warm = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, 8))
             sync()
             warm_s = time.monotonic() - t
-            t = time.monotonic()
-            res = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, a.new_tokens))
-            sync()
-            wall = time.monotonic() - t
-            ntok = sum(o["tokens"] for o in res["outputs"])
-            gen[key] = {"warmup_s": warm_s, "warmup_load_ms": warm["timing"]["load_ms"], "wall_s": wall,
-                        "generate_ms": res["timing"]["generate_ms"], "tokens": ntok,
-                        "tokens_per_s": ntok / (res["timing"]["generate_ms"] / 1000),
-                        "finish": [o["finish_reason"] for o in res["outputs"]]}
+            runs = []
+            for _ in range(a.repeats):
+                t = time.monotonic()
+                res = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, a.new_tokens))
+                sync()
+                ntok = sum(o["tokens"] for o in res["outputs"])
+                runs.append({"wall_s": time.monotonic() - t, "generate_ms": res["timing"]["generate_ms"],
+                             "tokens": ntok, "tokens_per_s": ntok / (res["timing"]["generate_ms"] / 1000)})
+            tps = [r["tokens_per_s"] for r in runs]
+            mid = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+            gen[key] = {"warmup_s": warm_s, "warmup_load_ms": warm["timing"]["load_ms"],
+                        "tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
+                        "tokens_per_s_max": max(tps), "tokens": mid["tokens"], "generate_ms": mid["generate_ms"],
+                        "runs": runs, "finish": [o["finish_reason"] for o in res["outputs"]]}
             texts_seen[key] = [o["text"] for o in res["outputs"]]
-            shown = json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in gen[key].items()})
-            log(f"generate {key}: {shown}")
+            shown = json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in gen[key].items()
+                                if k != "runs"})
+            log(f"generate {key}: {shown} runs tok/s {[round(x, 1) for x in tps]}")
             log(f"  first output: {res['outputs'][0]['text'][:120]!r}")
         except Exception as e:
             errors.append(f"generate {key}: {type(e).__name__}: {e}")
@@ -305,6 +319,9 @@ def main() -> int:
             checks[f"base output unchanged with the adapter loaded but disabled (b{bs})"] = b == bl
         if b is not None and ad is not None:
             checks[f"adapter output differs from base (b{bs})"] = b != ad
+        last = texts_seen.get(f"base-last_b{bs}")
+        if b is not None and last is not None:
+            checks[f"base output the same on a fresh engine measured last (b{bs})"] = b == last
     for k, v in checks.items():
         log(f"check: {k}: {v}")
 
@@ -322,7 +339,8 @@ def main() -> int:
         ("save s (adapter + tokenizer)", _f(row.get("save_s"), 2)),
         ("steps", f"{row.get('steps', 'n/a')} (batch {hp['batch_size']} x accumulation "
                   f"{hp['gradient_accumulation_steps']} = {examples} examples)"),
-        ("median step s", _f(row.get("step_s_median"), 3)),
+        ("step s median (min-max)", f"{_f(row.get('step_s_median'), 3)} ({_f(min(steps_s) if steps_s else None, 3)}-"
+                                    f"{_f(max(steps_s) if steps_s else None, 3)})"),
         ("tokens fed (non-padding at batch 1)", f"{fed['tokens']:,} in {fed['calls']} micro-batches"),
         ("tokens/s (train)", _f(fed["tokens"] / tr_s if tr_s else None, 1)),
         ("samples/s (train)", _f(examples / tr_s if tr_s else None, 2)),
@@ -330,14 +348,16 @@ def main() -> int:
         ("peak GPU memory, generation", _gib(row.get("generate_peak_gib"))),
         ("loss first / last", f"{_f(losses[0] if losses else None, 4)} / {_f(losses[-1] if losses else None, 4)}"),
     ]
-    for label in ("base", "adapter", "base+loaded"):
+    for label in ("base", "base-last", "adapter", "base+loaded"):
         for bs in (1, 8):
             g = gen.get(f"{label}_b{bs}")
             if g is None:
                 continue
-            name = {"base": "base", "adapter": "adapter", "base+loaded": "base, adapter loaded but disabled"}[label]
+            name = {"base": "base (measured first)", "base-last": "base (fresh engine, measured last)",
+                    "adapter": "adapter", "base+loaded": "base, adapter loaded but disabled"}[label]
             table.append((f"generate tokens/s, {name}, batch {bs} (greedy {a.new_tokens} new)",
-                          f"{g['tokens_per_s']:.1f} ({g['tokens']} tokens in {g['generate_ms'] / 1000:.2f} s)"))
+                          f"{g['tokens_per_s']:.1f} (median of {a.repeats}; range {g['tokens_per_s_min']:.1f}-"
+                          f"{g['tokens_per_s_max']:.1f}; {g['tokens']} tokens in {g['generate_ms'] / 1000:.2f} s)"))
     for k, v in checks.items():
         table.append((f"check: {k}", "yes" if v else "NO"))
     table.append(("errors", "; ".join(errors) if errors else "none"))

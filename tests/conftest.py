@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -45,7 +45,7 @@ def redis_url() -> Iterator[str]:
     if redis_answers(url):
         yield url
         return
-    port, workdir = _free_port(), tempfile.mkdtemp(prefix="ftaas-test-redis-")
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="ftaas-test-redis-")
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/15"
@@ -97,7 +97,7 @@ def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     subprocess.run([sys.executable, "-m", "worker.models", "tiny-gemma", "gemma-3-270m"],
                    env=service_env, cwd=ROOT, check=True)
     logs = tmp_path_factory.mktemp("logs")
-    port = _free_port()
+    port = free_port()
     commands = {"api": api_argv("127.0.0.1", port), "train": worker_argv(TRAIN_QUEUE),
                 "generate": worker_argv(GENERATE_QUEUE)}
     procs = []

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import assert_error, tiny_job, wait_for
+from app.serve import api_argv, local
+from tests.conftest import assert_error, free_port, tiny_job, wait_for
 
 
 def test_job_trains_to_succeeded_with_adapter_files(client: httpx.Client, quotes: list[dict[str, Any]],
@@ -100,3 +102,23 @@ def test_readyz_and_healthz(client: httpx.Client) -> None:
     assert ready.status_code == 200 and ready.json()["redis"] == "ok"
     assert any(w.startswith("train@") for w in ready.json()["workers"])
     assert any(w.startswith("generate@") for w in ready.json()["workers"])
+
+
+def test_readyz_names_what_is_missing(service_env: dict[str, str]) -> None:
+    """An API whose queues no worker consumes (another key prefix) answers 503 naming both queues."""
+    env = service_env | {"FTAAS_REDIS_PREFIX": service_env["FTAAS_REDIS_PREFIX"] + "-noworkers"}
+    port = free_port()
+    proc = subprocess.Popen(local(api_argv("127.0.0.1", port)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        err = assert_error(httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10), 503, "not_ready")
+        assert "'train'" in err["message"] and "'generate'" in err["message"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
