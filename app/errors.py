@@ -25,13 +25,19 @@ def envelope(status: int, code: str, message: str, field: str | None = None,
     return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "constrained-str", "function-after", "function-plain"}
+
+
 def _field_of(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """Dotted path of the offending field, without pydantic's union-member tags (``list[ChatMessage]``)."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")
+             and not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
     return ".".join(parts) or None
 
 
 def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
+    # the deepest location is the most specific one (e.g. the member of a union that almost matched)
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
         return envelope(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}")
     field = _field_of(tuple(first.get("loc", ())))

@@ -5,8 +5,14 @@ Keys (``P`` is ``settings.redis_prefix``):
   ``P:job:<id>:payload``  the full accepted request (inline rows included), read by the worker
   ``P:jobs``              sorted set of every job id (score 0, ordered by id = by creation time)
   ``P:jobs:<status>``     the same, one per status, for filtered listing
+  ``P:job:<id>:events``   stream of the job's events (type, time, data), at most EVENTS_MAXLEN
+  ``P:job:<id>:metrics``  list of metric points (JSON), one per logging step or evaluation
+  ``P:dataset:<id>``      JSON: an uploaded dataset's metadata (its rows are ``<dataset_dir>/<id>.jsonl``)
+  ``P:datasets``          sorted set of every dataset id (score 0, ordered by id = by upload time)
+  ``P:dataset:<id>:jobs`` set of the ids of jobs that train on the dataset (it cannot be deleted while
+                          one of them is queued or running)
 
-Job records have no TTL: nothing a user made disappears on its own.
+Job and dataset records have no TTL: nothing a user made disappears on its own.
 Transitions run as one Lua script, so only legal ones happen, atomically:
   queued -> running | cancelled | failed;  running -> succeeded | failed | cancelled.
 """
@@ -30,7 +36,13 @@ LEGAL_FROM: dict[str, tuple[str, ...]] = {
     "cancelled": ("queued", "running"),
 }
 
-# KEYS[1] job hash. ARGV: prefix, id, allowed current statuses (csv), new status ('' = keep), field/value pairs.
+EVENTS_MAXLEN = 2000
+METRICS_MAXLEN = 20_000
+
+# KEYS: job hash, its event stream, its metrics list. ARGV: prefix, id, allowed current statuses (csv),
+# new status ('' = keep), event type ('' = none), event time, event data (JSON), metric point (JSON or ''),
+# then field/value pairs. The event is written in the same step as the change it reports, so a reader
+# that sees a finished job has seen its last event too.
 # Returns {1, old_status} when applied, {0, current_status} when not, {0, false} for an unknown job.
 _UPDATE = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -38,29 +50,40 @@ if not cur then return {0, false} end
 local ok = false
 for s in string.gmatch(ARGV[3], '[^,]+') do if s == cur then ok = true end end
 if not ok then return {0, cur} end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
 if ARGV[4] ~= '' and ARGV[4] ~= cur then
   redis.call('HSET', KEYS[1], 'status', ARGV[4])
   redis.call('ZREM', ARGV[1] .. ':jobs:' .. cur, ARGV[2])
   redis.call('ZADD', ARGV[1] .. ':jobs:' .. ARGV[4], 0, ARGV[2])
 end
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_EVENTS_MAXLEN, '*', 'type', ARGV[5], 'time', ARGV[6], 'data', ARGV[7])
+end
+if ARGV[8] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[8])
+  redis.call('LTRIM', KEYS[3], -ARGV_METRICS_MAXLEN, -1)
+end
 return {1, cur}
-"""
+""".replace("ARGV_EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("ARGV_METRICS_MAXLEN", str(METRICS_MAXLEN))
 
 
 _last_us = 0
 _id_lock = threading.Lock()
 
 
-def new_job_id() -> str:
-    """``job_`` + 13 hex digits of microseconds (strictly increasing in a process) + 9 random.
+def new_id(prefix: str) -> str:
+    """``<prefix>_`` + 13 hex digits of microseconds (strictly increasing in a process) + 9 random.
 
-    Ids sort by creation time, so the job index needs no separate score.
+    Ids sort by creation time, so the job and dataset indexes need no separate score.
     """
     global _last_us
     with _id_lock:
         _last_us = max(time.time_ns() // 1000, _last_us + 1)
-        return f"job_{_last_us:013x}{secrets.token_hex(5)[:9]}"
+        return f"{prefix}_{_last_us:013x}{secrets.token_hex(5)[:9]}"
+
+
+def new_job_id() -> str:
+    return new_id("job")
 
 
 class JobStore:
@@ -81,36 +104,54 @@ class JobStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def create(self, job_id: str, payload: dict[str, Any], public_request: dict[str, Any],
-               total_steps: int) -> None:
-        """Write the record (status ``queued``) before its task is enqueued."""
+               total_steps: int, dataset_stats: dict[str, Any] | None = None) -> None:
+        """Write the record (status ``queued``) and its first event before its task is enqueued."""
         now = time.time()
         progress = {"step": 0, "total_steps": total_steps, "fraction": 0.0, "eta_seconds": None}
+        record: dict[str, Any] = {"status": "queued", "created_at": now, "name": payload.get("name") or "",
+                  "request": json.dumps(public_request), "progress": json.dumps(progress)}
+        if dataset_stats:
+            record["dataset_stats"] = json.dumps(dataset_stats)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.set(f"{self._key(job_id)}:payload", json.dumps(payload))
-            pipe.hset(self._key(job_id), mapping={
-                "status": "queued", "created_at": now, "name": payload.get("name") or "",
-                "request": json.dumps(public_request), "progress": json.dumps(progress),
-            })
+            pipe.hset(self._key(job_id), mapping=record)  # type: ignore[arg-type]
+            pipe.xadd(f"{self._key(job_id)}:events", {"type": "queued", "time": now,
+                                                      "data": json.dumps({"dataset_stats": dataset_stats})})
             pipe.zadd(f"{self.p}:jobs", {job_id: 0})
             pipe.zadd(f"{self.p}:jobs:queued", {job_id: 0})
             pipe.execute()
 
-    def _apply(self, job_id: str, allowed: tuple[str, ...], new_status: str,
-               fields: dict[str, Any]) -> tuple[bool, str | None]:
+    def _apply(self, job_id: str, allowed: tuple[str, ...], new_status: str, fields: dict[str, Any],
+               event: tuple[str, dict[str, Any]] | None = None,
+               metric: dict[str, Any] | None = None) -> tuple[bool, str | None]:
         flat: list[Any] = []
         for k, v in fields.items():
-            flat += [k, json.dumps(v) if isinstance(v, dict) else v]
-        applied, cur = self._update(keys=[self._key(job_id)],
-                                    args=[self.p, job_id, ",".join(allowed), new_status, *flat])
+            flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
+        kind, data = event or ("", {})
+        key = self._key(job_id)
+        applied, cur = self._update(
+            keys=[key, f"{key}:events", f"{key}:metrics"],
+            args=[self.p, job_id, ",".join(allowed), new_status, kind, time.time(), json.dumps(data),
+                  json.dumps(metric) if metric else "", *flat])
         return bool(applied), cur or None
 
     def transition(self, job_id: str, new_status: str, **fields: Any) -> tuple[bool, str | None]:
-        """Move to ``new_status`` if legal from the current one; returns (applied, status before)."""
+        """Move to ``new_status`` if legal from the current one; returns (applied, status before).
+
+        The event named after the new status (``running`` is reported as ``started``) goes with it.
+        """
         if new_status in TERMINAL_STATUSES:
             fields.setdefault("finished_at", time.time())
         if new_status == "running":
             fields.setdefault("started_at", time.time())
-        return self._apply(job_id, LEGAL_FROM[new_status], new_status, fields)
+        data: dict[str, Any] = {k: fields[k] for k in ("error", "adapter") if k in fields}
+        event = ("started" if new_status == "running" else new_status, data)
+        return self._apply(job_id, LEGAL_FROM[new_status], new_status, fields, event)
+
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any], metric: dict[str, Any] | None = None,
+                  **fields: Any) -> bool:
+        """Log an event of a running job, optionally with a metric point and record fields."""
+        return self._apply(job_id, ("running",), "", fields, (kind, data), metric)[0]
 
     def start(self, job_id: str) -> bool:
         return self.transition(job_id, "running")[0]
@@ -119,23 +160,29 @@ class JobStore:
         return self.transition(job_id, "failed", error={"code": code, "message": message})[0]
 
     def report_progress(self, job_id: str, step: int, total_steps: int, eta_seconds: float | None,
-                        metrics: dict[str, float]) -> bool:
-        """Record progress and the latest metrics; ignored unless the job is running."""
+                        metrics: dict[str, float], point: dict[str, Any] | None = None) -> bool:
+        """Record progress, the latest metrics and a point of the metric series, with a ``step`` event.
+
+        Ignored unless the job is running.
+        """
         progress = {"step": step, "total_steps": total_steps,
                     "fraction": round(min(step / total_steps, 1.0), 4), "eta_seconds": eta_seconds}
         fields: dict[str, Any] = {"progress": progress}
         if metrics:
             fields["metrics"] = metrics
-        return self._apply(job_id, ("running",), "", fields)[0]
+        event = ("step", {"step": step, "total_steps": total_steps, **(point or metrics)})
+        return self._apply(job_id, ("running",), "", fields, event, point)[0]
 
     def request_cancel(self, job_id: str) -> tuple[bool, str | None]:
         """Cancel: a queued job ends at once; a running one is flagged and stops at its next step.
 
         Returns (accepted, status before); status is None for an unknown job.
         """
-        applied, cur = self._apply(job_id, ("queued",), "cancelled", {"finished_at": time.time()})
+        applied, cur = self._apply(job_id, ("queued",), "cancelled", {"finished_at": time.time()},
+                                   ("cancelled", {}))
         if not applied and cur == "running":
-            applied, cur = self._apply(job_id, ("running",), "", {"cancel_requested": 1})
+            applied, cur = self._apply(job_id, ("running",), "", {"cancel_requested": 1},
+                                       ("cancel_requested", {}))
         return applied, cur
 
     # -- reads ----------------------------------------------------------------------------------
@@ -150,7 +197,7 @@ class JobStore:
         raw: dict[str, str] = self.r.hgetall(self._key(job_id))  # type: ignore[assignment]
         return _record(job_id, raw) if raw else None
 
-    def list(self, limit: int, after: str | None = None,
+    def page(self, limit: int, after: str | None = None,
              status: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         """Newest first; ``after`` is the last id of the previous page."""
         index = f"{self.p}:jobs:{status}" if status else f"{self.p}:jobs"
@@ -161,6 +208,21 @@ class JobStore:
                 pipe.hgetall(self._key(job_id))
             raws = pipe.execute()
         return [_record(i, raw) for i, raw in zip(ids, raws, strict=False) if raw], len(ids) > limit
+
+    def metric_series(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(f"{self._key(job_id)}:metrics", 0, -1)]  # type: ignore[union-attr]
+
+    def events(self, job_id: str, after: str | None = None, limit: int = 100,
+               block_ms: int | None = None) -> list[dict[str, Any]]:
+        """Events after the stream id ``after`` (oldest first); with ``block_ms``, wait for new ones."""
+        key = f"{self._key(job_id)}:events"
+        if block_ms is not None:
+            reply: Any = self.r.xread({key: after or "0-0"}, count=limit, block=block_ms)
+            entries = reply[0][1] if reply else []
+        else:
+            entries = self.r.xrange(key, f"({after}" if after else "-", "+", count=limit)  # type: ignore[assignment]
+        return [{"id": eid, "type": f["type"], "time": float(f["time"]), "data": json.loads(f["data"]) or {}}
+                for eid, f in entries]
 
     def ping(self) -> bool:
         return bool(self.r.ping())
@@ -179,4 +241,80 @@ def _record(job_id: str, raw: dict[str, str]) -> dict[str, Any]:
         "progress": obj("progress"), "metrics": obj("metrics") or {}, "request": obj("request"),
         "error": obj("error"), "adapter": raw.get("adapter") or None,
         "cancel_requested": raw.get("cancel_requested") == "1",
+        "dataset_stats": obj("dataset_stats"), "evaluation": obj("evaluation"),
     }
+
+
+# -- uploaded datasets ------------------------------------------------------------------------------
+
+# KEYS: dataset key, its jobs set, the dataset index. ARGV: prefix, id.
+# Returns {1} when deleted, {-1} for an unknown dataset, {0, job ids...} while queued or running jobs use it.
+_DELETE_DATASET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local busy = {0}
+for _, job in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local s = redis.call('HGET', ARGV[1] .. ':job:' .. job, 'status')
+  if s == 'queued' or s == 'running' then table.insert(busy, job) end
+end
+if #busy > 1 then return busy end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return {1}
+"""
+
+# KEYS: dataset key, its jobs set. ARGV: job id. Links only while the dataset exists: 1 when linked, else 0.
+_LINK_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class DatasetStore:
+    """Metadata of uploaded datasets and the jobs that use them; the rows live in the dataset folder."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "ftaas") -> None:
+        self.r = client
+        self.p = prefix
+        self._delete = client.register_script(_DELETE_DATASET)
+        self._link = client.register_script(_LINK_JOB)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "ftaas") -> DatasetStore:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        )
+        return cls(client, prefix)
+
+    def _key(self, ds_id: str) -> str:
+        return f"{self.p}:dataset:{ds_id}"
+
+    def create(self, ds_id: str, meta: dict[str, Any]) -> None:
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(ds_id), json.dumps(meta))
+            pipe.zadd(f"{self.p}:datasets", {ds_id: 0})
+            pipe.execute()
+
+    def get(self, ds_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._key(ds_id))
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
+    def page(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; ``after`` is the last id of the previous page."""
+        ids: list[str] = self.r.zrevrangebylex(  # type: ignore[assignment]
+            f"{self.p}:datasets", f"({after}" if after else "+", "-", start=0, num=limit + 1)
+        raws: list[str | None] = self.r.mget([self._key(i) for i in ids[:limit]]) if ids else []  # type: ignore[assignment]
+        return [json.loads(raw) for raw in raws if raw], len(ids) > limit
+
+    def link_job(self, ds_id: str, job_id: str) -> bool:
+        """Record that ``job_id`` trains on the dataset; False when the dataset no longer exists."""
+        return bool(self._link(keys=[self._key(ds_id), f"{self._key(ds_id)}:jobs"], args=[job_id]))
+
+    def delete(self, ds_id: str) -> tuple[bool, list[str]]:
+        """Delete the metadata unless a queued or running job uses the dataset, atomically.
+
+        Returns (deleted, the ids of the jobs in the way); (False, []) for an unknown dataset.
+        """
+        key = self._key(ds_id)
+        reply = self._delete(keys=[key, f"{key}:jobs", f"{self.p}:datasets"], args=[self.p, ds_id])
+        return reply[0] == 1, [str(j) for j in reply[1:]]  # type: ignore[index]

@@ -19,12 +19,24 @@ MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1_024
 
 ShortStr = Annotated[str, StringConstraints(max_length=200)]
-CellValue = Annotated[str, StringConstraints(max_length=20_000)] | int | float | bool | None
+Text = Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class ChatMessage(BaseModel):
+    """One turn of a ``messages`` column (OpenAI chat style)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+CellValue = Text | int | float | bool | None | Annotated[list[ChatMessage], Field(max_length=64)]
 Row = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)], CellValue], Field(max_length=64)]
 HubId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", max_length=200)]
 Key = Annotated[str, StringConstraints(max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=512)]
 JobId = Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{22}$")]
+DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{22}$")]
 
 
 class Strict(BaseModel):
@@ -53,17 +65,18 @@ class HubDataset(Strict):
 
 
 class DatasetSpec(Strict):
-    """Exactly one source. New sources (e.g. an uploaded dataset ``id``) are added as new keys."""
+    """Exactly one source. New sources are added as new keys."""
 
     rows: list[Row] | None = Field(
         None, min_length=1, max_length=MAX_INLINE_ROWS, description="Inline rows (objects of column -> value)."
     )
     hub: HubDataset | None = Field(None, description="A dataset on the hub, loaded by the worker.")
+    id: DatasetId | None = Field(None, description="An uploaded dataset (POST /datasets).")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.rows is None) == (self.hub is None):
-            raise ValueError("give exactly one of dataset.rows or dataset.hub")
+        if sum(source is not None for source in (self.rows, self.hub, self.id)) != 1:
+            raise ValueError("give exactly one of dataset.rows, dataset.hub or dataset.id")
         return self
 
 
@@ -88,8 +101,24 @@ class Hyperparameters(Strict):
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen and recorded when absent.")
     max_length: int = Field(1024, ge=16, le=8192, description="Tokens per example; longer ones are truncated.")
     gradient_checkpointing: bool = Field(True, description="Trade compute for memory (the notebook's default).")
+    eval_interval: int | None = Field(
+        None, ge=1, le=10_000, description="Steps between eval-loss measurements; default: max_steps / 5."
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Literal["nf4", "none"] = Field("nf4", description="Base weights in 4-bit NF4, or unquantized.")
+
+
+class ValidationSpec(Strict):
+    """Held-out rows for eval loss: a seeded fraction of the dataset, or a separate dataset."""
+
+    fraction: float | None = Field(None, ge=0.0, le=0.5, description="Share held out (0 = no validation).")
+    dataset: DatasetSpec | None = Field(None, description="A separate validation dataset.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ValidationSpec:
+        if (self.fraction is None) == (self.dataset is None):
+            raise ValueError("give exactly one of validation.fraction or validation.dataset")
+        return self
 
 
 class JobCreate(Strict):
@@ -97,6 +126,17 @@ class JobCreate(Strict):
     dataset: DatasetSpec
     template: str = Field(
         DEFAULT_TEMPLATE, min_length=1, max_length=4_000, description="str.format template over the row's columns."
+    )
+    format: Literal["auto", "template", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="How rows become training examples; auto: messages > prompt/completion > text > template.",
+    )
+    validation: ValidationSpec | None = Field(
+        None, description="Default: 10% held out when the dataset has at least 50 rows, none below that."
+    )
+    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] | None = Field(
+        None, max_length=8,
+        description="Prompts generated from before and after training; default: a few rows' first words.",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: ShortStr | None = Field(None, description="A label for the job.")
@@ -128,6 +168,63 @@ class Metrics(BaseModel):
     grad_norm: float | None = None
 
 
+class TokenStats(BaseModel):
+    mean: float
+    p95: int
+    max: int
+    over_max_length: int = Field(description="Examples truncated to max_length.")
+
+
+class DatasetStats(BaseModel):
+    format: str
+    rows_total: int
+    rows_used: int
+    rows_dropped: dict[str, int] = Field(description="Dropped rows by reason.")
+    train_rows: int | None = None
+    validation_rows: int | None = None
+    epochs: float | None = Field(None, description="Passes over the training rows that max_steps amounts to.")
+    tokens: TokenStats | None = Field(None, description="Measured by the worker with the model's tokenizer.")
+
+
+class Sample(BaseModel):
+    prompt: str
+    before: str
+    after: str | None = None
+
+
+class Evaluation(BaseModel):
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    relative_change: float | None = Field(None, description="(after - before) / before.")
+    samples: list[Sample] = Field(default_factory=list)
+
+
+class MetricPoint(BaseModel):
+    step: int
+    time: float = Field(description="Seconds since training started.")
+    loss: float | None = None
+    learning_rate: float | None = None
+    eval_loss: float | None = None
+    tokens_seen: int | None = None
+
+
+class MetricSeries(BaseModel):
+    data: list[MetricPoint]
+
+
+class JobEvent(BaseModel):
+    id: str = Field(description="Stream id; pass as `after` or Last-Event-ID to resume.")
+    type: str
+    time: float
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobEventList(BaseModel):
+    data: list[JobEvent]
+    has_more: bool
+    next_after: str | None = None
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -147,6 +244,8 @@ class Job(BaseModel):
     error: JobError | None = None
     adapter: str | None = Field(None, description="Adapter id for /generate, once succeeded.")
     cancel_requested: bool = False
+    dataset_stats: DatasetStats | None = None
+    evaluation: Evaluation | None = None
 
 
 class JobList(BaseModel):
@@ -204,3 +303,27 @@ class ErrorBody(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     error: ErrorBody
+
+
+# -- uploaded datasets ----------------------------------------------------------------------------
+
+DatasetFormat = Literal["jsonl", "json", "csv", "parquet"]
+
+
+class Dataset(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    filename: str = Field(description="The uploaded file's name, as given (metadata only).")
+    format: DatasetFormat = Field(description="Detected from the file extension; stored as JSONL either way.")
+    row_count: int = Field(description="Rows stored (rows with no non-empty value are left out).")
+    dropped_rows: int = Field(0, description="Rows left out because every value was empty or null.")
+    columns: list[str] = Field(description="Every column name of any row, sorted.")
+    bytes: int = Field(description="Size of the uploaded file.")
+    created_at: float
+    preview: list[dict[str, Any]] = Field(description="The first rows, long strings shortened.")
+
+
+class DatasetList(BaseModel):
+    data: list[Dataset]
+    has_more: bool
+    next_after: str | None = Field(None, description="Pass as `after` for the next page.")

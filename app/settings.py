@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         description="Hub token, from the environment only; never stored or returned.",
     )
 
-    data_dir: Path = Field(Path("data"), description="Root of the adapter store.")
+    data_dir: Path = Field(Path("data"), description="Root of the adapter and dataset stores.")
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "ftaas" / "models",
         description="Where built-in models are converted to safetensors once and reused.",
@@ -47,10 +47,15 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded per generate worker (LRU).")
     base_cache_size: int = Field(2, ge=1, description="Base models kept loaded per generate worker (LRU).")
     readiness_timeout_s: float = Field(1.0, gt=0, description="How long /readyz waits for workers.")
+    max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest dataset file POST /datasets takes.")
 
     @property
     def adapter_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.data_dir / "datasets"
 
     @property
     def known_models(self) -> list[str]:

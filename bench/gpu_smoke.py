@@ -63,28 +63,62 @@ def log(*x: Any) -> None:
 
 
 class RecordingReporter:
-    """The trainer's Reporter protocol: records when each step was reported and its metrics."""
+    """The trainer's Reporter protocol: records each step, eval point and event, with when it was reported."""
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
         self.times: list[float] = []
         self.losses: list[float] = []
         self.steps: list[int] = []
+        self.points: list[dict[str, Any]] = []  # progress points: step, time, loss, learning_rate, tokens_seen
+        self.evals: list[dict[str, Any]] = []  # eval_loss points: step, time, eval_loss
+        self.events: list[dict[str, Any]] = []  # kind, data, record
+        self.eval_gaps: dict[int, float] = {}  # step -> s from that step's progress report to its eval_loss
+        self._last: tuple[str, int, float] | None = None  # what was reported last: kind, step, when
 
-    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None:
-        self.times.append(time.monotonic())
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
+                 point: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.times.append(now)
         self.steps.append(step)
+        self.points.append(dict(point))
+        self._last = ("progress", step, now)
         if "loss" in metrics:
             self.losses.append(metrics["loss"])
         if step == 1 or step % 10 == 0 or step == total_steps:
             shown = json.dumps({k: round(v, 5) for k, v in metrics.items()})
-            log(f"  step {step}/{total_steps} eta {eta_seconds} {shown}")
+            log(f"  step {step}/{total_steps} eta {eta_seconds} {shown} tokens_seen {point.get('tokens_seen')}")
+
+    def evaluated(self, point: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.evals.append(dict(point))
+        # trl evaluates inside trainer.train() right after logging that step: the gap is the eval's duration.
+        # The evaluations before and after training (trainer.evaluate()) follow no progress report of their own.
+        if self._last and self._last[0] == "progress" and self._last[1] == point.get("step"):
+            self.eval_gaps[int(point["step"])] = now - self._last[2]
+        self._last = ("evaluated", int(point.get("step", -1)), now)
+        log(f"  eval {json.dumps(point)}")
+
+    def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        self.events.append({"kind": kind, "data": data, "record": record, "t": time.monotonic() - self.t0})
+        log(f"  event {kind}: {json.dumps(data, default=str)}")
 
     def should_stop(self) -> bool:
         return False
 
-    def step_seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+    def step_seconds(self, without_evals: bool = False) -> list[float]:
+        """Gaps between consecutive progress reports; ``without_evals`` drops those that held an eval."""
+        return [b - a for s, a, b in zip(self.steps, self.times, self.times[1:], strict=False)
+                if not (without_evals and s in self.eval_gaps)]
+
+    def tokens_seen(self) -> int | None:
+        """trl's own count of training tokens (``num_tokens``), as of the last step reported."""
+        seen = [p["tokens_seen"] for p in self.points if p.get("tokens_seen") is not None]
+        return seen[-1] if seen else None
+
+    def event_data(self, kind: str) -> dict[str, Any] | None:
+        found = [e["data"] for e in self.events if e["kind"] == kind]
+        return found[-1] if found else None
 
 
 def build_model(src: Path, model_dir: Path, tiny: bool, device: str) -> tuple[int, float]:
@@ -132,20 +166,26 @@ def patch_hub(model_dir: Path) -> None:
 
 
 def count_tokens_fed() -> dict[str, int]:
-    """Counts the input ids that reach the embedding during training (hooked on the model the trainer loads).
+    """Counts the input ids that reach the embedding of the model the trainer loads (a forward pre-hook).
 
-    With batch 1 nothing is padded, so this is the non-padding token count; for batch > 1 it would include pads.
+    A cross-check only: trl's ``num_tokens`` (the reporter's ``tokens_seen``) is the training count. The hook
+    sees every forward: training, trl's evaluations and the before/after sample generation. It keeps the
+    training-mode forwards apart (the trainer switches the model to eval mode to evaluate and to sample).
+    With batch 1 nothing is padded in training, so that part is the non-padding token count.
     """
-    counter = {"tokens": 0, "calls": 0, "active": 1}
+    counter = {"tokens": 0, "calls": 0, "train_tokens": 0, "train_calls": 0, "active": 1}
     original = worker.trainer.load_model
 
     def load_model(*args: Any, **kwargs: Any) -> Any:
         model = original(*args, **kwargs)
 
-        def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+        def hook(module: Any, inputs: tuple[Any, ...]) -> None:
             if counter["active"] and inputs and torch.is_tensor(inputs[0]):
                 counter["tokens"] += int(inputs[0].numel())
                 counter["calls"] += 1
+                if module.training:
+                    counter["train_tokens"] += int(inputs[0].numel())
+                    counter["train_calls"] += 1
 
         model.get_input_embeddings().register_forward_pre_hook(hook)
         return model
@@ -210,6 +250,7 @@ def main() -> int:
     rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
     job = JobCreate.model_validate({"base_model": HUB_ID, "dataset": {"rows": rows}})
     payload = job.model_dump()
+    payload["template_given"] = "template" in job.model_fields_set  # as app/main.py sets it
     payload["hyperparameters"]["seed"] = 42  # app/main.py picks one when absent; fixed here to be repeatable
     if a.tiny:
         payload["hyperparameters"]["max_steps"] = 3
@@ -229,6 +270,7 @@ def main() -> int:
     log(f"data: {len(rows)} rows, mean {statistics.mean(lens):.1f} tokens (tokenizer, with BOS), max {max(lens)}")
 
     reporter = RecordingReporter()
+    evaluation: dict[str, Any] = {}
     trained = False
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -238,8 +280,12 @@ def main() -> int:
         row |= {f"{k}_s": v for k, v in outcome.seconds.items()}
         row["steps"] = outcome.steps
         row["losses"] = outcome.losses
+        evaluation = outcome.evaluation
         log("train outcome:", json.dumps({"cancelled": outcome.cancelled, "steps": outcome.steps,
-                                          "seconds": {k: round(v, 2) for k, v in outcome.seconds.items()}}))
+                                          "seconds": {k: round(v, 2) for k, v in outcome.seconds.items()},
+                                          "evaluation": {k: v for k, v in evaluation.items() if k != "samples"}}))
+        for smp in evaluation.get("samples", []):
+            log(f"  sample {smp['prompt']!r}: before {smp['before'][:100]!r} after {smp['after'][:100]!r}")
     except Exception as e:
         errors.append(f"train: {type(e).__name__}: {e}")
         log("TRAIN FAILED")
@@ -250,11 +296,19 @@ def main() -> int:
         row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     examples = hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"]
     row["examples"] = examples
-    row["tokens_fed"] = fed["tokens"]
-    row["embedding_calls"] = fed["calls"]
+    row["tokens_seen_trl"] = reporter.tokens_seen()
+    row["hook_train_tokens"] = fed["train_tokens"]
+    row["hook_train_calls"] = fed["train_calls"]
+    row["hook_all_tokens"] = fed["tokens"]
+    row["hook_all_calls"] = fed["calls"]
+    row["evaluation"] = evaluation
+    row["eval_points"] = reporter.evals
+    row["in_training_eval_s"] = sum(reporter.eval_gaps.values())
+    row["dataset_stats"] = reporter.event_data("dataset_stats")
     steps_s = reporter.step_seconds()
-    if steps_s:
-        row["step_s_median"] = statistics.median(steps_s)
+    steps_s_plain = reporter.step_seconds(without_evals=True)
+    if steps_s_plain:
+        row["step_s_median"] = statistics.median(steps_s_plain)
         row["step_s_first_reported_gap"] = steps_s[0]
     if trained:
         row["adapter_files"] = sorted(p.name for p in out_dir.iterdir())
@@ -327,24 +381,49 @@ def main() -> int:
 
     # 4. the table, last
     tr_s = row.get("train_s")
+    ev_in = row["in_training_eval_s"]
+    seen = row["tokens_seen_trl"]
+    samples = evaluation.get("samples") or []
     losses = row.get("losses") or []
     table = [
         ("device", torch.cuda.get_device_name(0) if device == "cuda" else "cpu (--tiny)"),
         ("model", f"{'tiny Gemma' if a.tiny else HUB_ID + ' architecture'}, random weights, "
                   f"{nparams / 1e9:.3f} B params, NF4 (bf16 compute)"),
         ("build + save random model s (setup, not the service)", f"{build_s:.1f}"),
-        ("model load s (trainer: tokenizer + NF4 load)", _f(row.get("load_s"), 1)),
-        ("data s (trainer: render rows)", _f(row.get("data_s"), 2)),
-        ("train s (trainer.train())", _f(tr_s, 1)),
+        ("data s (trainer: prepare rows + split, tokenizer load, token stats)", _f(row.get("data_s"), 2)),
+        ("model load s (trainer: NF4 load)", _f(row.get("load_s"), 1)),
+        ("eval s (outside trainer.train(): eval loss before + after, samples before + after)",
+         _f(row.get("eval_s"), 1)),
+        ("train s (trainer.train(); now includes trl's periodic evals inside it)", _f(tr_s, 1)),
+        ("train s: of which periodic evals inside trainer.train() (step log to its eval_loss)",
+         f"{_f(ev_in, 1)} ({len(reporter.eval_gaps)} evals)"),
+        ("train s without those evals (comparable with runs 1-2)", _f(tr_s - ev_in if tr_s is not None else None, 1)),
         ("save s (adapter + tokenizer)", _f(row.get("save_s"), 2)),
         ("steps", f"{row.get('steps', 'n/a')} (batch {hp['batch_size']} x accumulation "
                   f"{hp['gradient_accumulation_steps']} = {examples} examples)"),
-        ("step s median (min-max)", f"{_f(row.get('step_s_median'), 3)} ({_f(min(steps_s) if steps_s else None, 3)}-"
-                                    f"{_f(max(steps_s) if steps_s else None, 3)})"),
-        ("tokens fed (non-padding at batch 1)", f"{fed['tokens']:,} in {fed['calls']} micro-batches"),
-        ("tokens/s (train)", _f(fed["tokens"] / tr_s if tr_s else None, 1)),
-        ("samples/s (train)", _f(examples / tr_s if tr_s else None, 2)),
-        ("peak GPU memory, training (max_memory_allocated)", _gib(row.get("train_peak_gib"))),
+        ("step s median (min-max), steps without an eval",
+         f"{_f(row.get('step_s_median'), 3)} ({_f(min(steps_s_plain) if steps_s_plain else None, 3)}-"
+         f"{_f(max(steps_s_plain) if steps_s_plain else None, 3)})"),
+        ("training tokens (trl num_tokens, last tokens_seen)", f"{seen:,}" if seen is not None else "n/a"),
+        ("cross-check: embedding hook, training-mode forwards (non-padding at batch 1)",
+         f"{fed['train_tokens']:,} in {fed['train_calls']} micro-batches"),
+        ("embedding hook, all forwards (training + evals + sample generation; not a training count)",
+         f"{fed['tokens']:,} in {fed['calls']} forwards"),
+        ("tokens/s (train: trl tokens / train s)", _f(seen / tr_s if tr_s and seen else None, 1)),
+        ("tokens/s (train: trl tokens / train s without evals)",
+         _f(seen / (tr_s - ev_in) if tr_s and seen else None, 1)),
+        ("samples/s (train: examples / train s)", _f(examples / tr_s if tr_s else None, 2)),
+        ("samples/s (train: examples / train s without evals)", _f(examples / (tr_s - ev_in) if tr_s else None, 2)),
+        ("dataset_stats", _dataset_stats(row.get("dataset_stats"))),
+        ("eval_loss before / after / relative change",
+         f"{_f(evaluation.get('eval_loss_before'), 4)} / {_f(evaluation.get('eval_loss_after'), 4)} / "
+         f"{_f(evaluation.get('relative_change'), 4)}"),
+        ("eval points (step: eval_loss; before, inside and after training)",
+         ", ".join(f"{p.get('step')}: {p['eval_loss']:.4f}" for p in reporter.evals if "eval_loss" in p) or "none"),
+        ("samples (before/after)", f"{len(samples)} prompts"),
+        ("sample 1", _sample(samples[0]) if samples else "n/a"),
+        ("peak GPU memory, training (max_memory_allocated; incl. evals at batch 8 and samples)",
+         _gib(row.get("train_peak_gib"))),
         ("peak GPU memory, generation", _gib(row.get("generate_peak_gib"))),
         ("loss first / last", f"{_f(losses[0] if losses else None, 4)} / {_f(losses[-1] if losses else None, 4)}"),
     ]
@@ -366,7 +445,9 @@ def main() -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "results.json").write_text(json.dumps(
             {"row": row, "generate": gen, "checks": checks, "errors": errors, "texts": texts_seen,
-             "step_seconds": steps_s, "hyperparameters": hp}, indent=1, default=str))
+             "step_seconds": steps_s, "hyperparameters": hp, "progress_points": reporter.points,
+             "eval_points": reporter.evals, "in_training_eval_gaps": reporter.eval_gaps,
+             "events": reporter.events}, indent=1, default=str))
     log("\nTABLE")
     log("| metric | value |")
     log("|---|---|")
@@ -377,6 +458,26 @@ def main() -> int:
 
 def _f(x: float | None, nd: int) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _cell(text: str, n: int) -> str:
+    """A shortened text for one markdown table cell (quoted, escapes shown, no pipes)."""
+    short = text[:n] + ("..." if len(text) > n else "")
+    return json.dumps(short, ensure_ascii=True).replace("|", "\\|")
+
+
+def _sample(smp: dict[str, Any]) -> str:
+    return f"prompt {_cell(smp['prompt'], 40)}; before {_cell(smp['before'], 60)}; after {_cell(smp['after'], 60)}"
+
+
+def _dataset_stats(st: dict[str, Any] | None) -> str:
+    if not st:
+        return "n/a"
+    tk = st.get("tokens") or {}
+    return (f"format {st.get('format')}; rows {st.get('rows_used')} used of {st.get('rows_total')} "
+            f"(dropped {st.get('rows_dropped') or 0}): train {st.get('train_rows')}, validation "
+            f"{st.get('validation_rows')}; epochs {st.get('epochs')}; train tokens mean {tk.get('mean')} / "
+            f"p95 {tk.get('p95')} / max {tk.get('max')} (over max_length {tk.get('over_max_length')})")
 
 
 def _gib(x: float | None) -> str:

@@ -81,7 +81,7 @@ def service_env(redis_url: str, prefix: str, data_dir: Path) -> dict[str, str]:
         "FTAAS_REDIS_URL": redis_url, "FTAAS_REDIS_PREFIX": prefix, "FTAAS_DATA_DIR": str(data_dir),
         "FTAAS_DEVICE": "cpu", "FTAAS_DEFAULT_BASE_MODEL": "tiny-gemma", "FTAAS_GENERATE_TIMEOUT_S": "600",
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
+        "PYTHONUNBUFFERED": "1", "FTAAS_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
     })
     return env
 

@@ -19,7 +19,15 @@ ROWS = [{"quote": "Be yourself.", "author": "Oscar Wilde"}]
         ({"dataset": {"rows": []}}, 422, "invalid_request", "dataset.rows"),
         ({"dataset": {}}, 422, "invalid_request", "dataset"),
         ({"dataset": {"rows": ROWS, "hub": {"name": "a/b"}}}, 422, "invalid_request", "dataset"),
-        ({"dataset": {"rows": [{"text": "x"}]}}, 422, "template_field_missing", "template"),
+        ({"dataset": {"rows": [{"text": "x"}]}, "template": "{quote}"}, 422, "template_field_missing", "template"),
+        ({"dataset": {"rows": [{"foo": "x"}]}}, 422, "template_field_missing", "template"),
+        ({"dataset": {"rows": [{"prompt": "x"}]}, "format": "prompt_completion"}, 422, "dataset_columns_missing",
+         "dataset.rows"),
+        ({"dataset": {"rows": [{"quote": "", "author": None}]}}, 422, "empty_dataset", "dataset.rows"),
+        ({"dataset": {"rows": [{"messages": [{"role": "robot", "content": "x"}]}]}}, 422, "invalid_request",
+         "dataset.rows.0.messages.0.role"),
+        ({"dataset": {"rows": ROWS}, "validation": {"fraction": 0.9}}, 422, "invalid_request", "validation.fraction"),
+        ({"dataset": {"rows": ROWS}, "sample_prompts": ["x"] * 9}, 422, "invalid_request", "sample_prompts"),
         ({"dataset": {"rows": ROWS}, "template": "{quote.__class__}"}, 422, "invalid_request", "template"),
         ({"dataset": {"rows": ROWS}, "template": "no fields"}, 422, "invalid_request", "template"),
         (tiny_job(ROWS, max_steps=0), 422, "invalid_request", "hyperparameters.max_steps"),
@@ -37,7 +45,7 @@ def test_create_job_rejects(client: httpx.Client, body: dict[str, Any], status: 
     if code == "unknown_base_model":
         assert "tiny-gemma" in err["message"] and "gemma-3-270m" in err["message"]
     if code == "template_field_missing":
-        assert "'quote'" in err["message"] and "rows[0]" in err["message"]
+        assert "'quote'" in err["message"] and "dataset.rows" in err["message"]
 
 
 def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
@@ -50,6 +58,10 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
 def test_unknown_job_and_list_params(client: httpx.Client) -> None:
     assert_error(client.get("/jobs/job_0000000000000000000000"), 404, "job_not_found")
     assert_error(client.post("/jobs/job_0000000000000000000000/cancel"), 404, "job_not_found")
+    job_id = client.post("/jobs", json=tiny_job(ROWS, max_steps=1)).json()["id"]
+    for suffix in (":payload", ":events", ":metrics"):  # other keys of the job store are no jobs
+        assert_error(client.get(f"/jobs/{job_id}{suffix}"), 404, "job_not_found")
+        assert_error(client.post(f"/jobs/{job_id}{suffix}/cancel"), 404, "job_not_found")
     assert_error(client.get("/jobs", params={"limit": 0}), 422, "invalid_request", "limit")
     assert_error(client.get("/jobs", params={"status": "exploded"}), 422, "invalid_request", "status")
     assert_error(client.get("/jobs", params={"after": "../../etc"}), 422, "invalid_request", "after")

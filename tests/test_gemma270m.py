@@ -10,10 +10,11 @@ from tests.conftest import wait_for
 
 
 def test_nf4_job_learns_and_changes_greedy_continuation(client: httpx.Client, quotes: list[dict[str, Any]]) -> None:
-    rows = quotes[:24]
+    rows = quotes[:48]
     body = {
         "base_model": "gemma-3-270m",
         "dataset": {"rows": rows},
+        "validation": {"dataset": {"rows": quotes[48:60]}},
         "hyperparameters": {"max_steps": 10, "learning_rate": 1e-3, "warmup_steps": 1, "batch_size": 1,
                             "gradient_accumulation_steps": 4, "max_length": 96, "seed": 3,
                             "gradient_checkpointing": False, "quantization": "nf4"},
@@ -37,7 +38,21 @@ def test_nf4_job_learns_and_changes_greedy_continuation(client: httpx.Client, qu
     first, last = losses[steps[0]], losses[steps[-1]]
     assert last < first, f"loss did not fall: {losses}"
 
-    prompt = f"Quote: {rows[0]['quote'].split()[0]}"
+    # evaluation: held-out loss before and after, before/after samples, stats, the metric series
+    ev = done["evaluation"]
+    assert ev["eval_loss_after"] < ev["eval_loss_before"], ev
+    assert ev["relative_change"] == round((ev["eval_loss_after"] - ev["eval_loss_before"]) / ev["eval_loss_before"], 4)
+    assert len(ev["samples"]) == 3 and all(s["before"] != s["after"] for s in ev["samples"])
+    assert all(s["prompt"].startswith("Quote: ") for s in ev["samples"])
+    stats = done["dataset_stats"]
+    assert stats["validation_rows"] == 12 and stats["train_rows"] == 48 and stats["tokens"]["max"] > 5
+    series = client.get(f"/jobs/{job_id}/metrics").json()["data"]
+    assert [p["step"] for p in series if p.get("loss") is not None] == list(range(1, 11))
+    evals = [p for p in series if p.get("eval_loss") is not None]
+    assert len(evals) >= 3 and evals[0]["step"] == 0 and evals[-1]["eval_loss"] == ev["eval_loss_after"]
+    assert all(p["tokens_seen"] > 0 for p in series if p.get("loss") is not None)
+
+    prompt = f"Quote: {rows[0]['quote']}\n"  # a training example's quote: the author line should follow
     gen = {"prompt": prompt, "max_new_tokens": 24}
     base = client.post("/generate", json=gen | {"base_model": "gemma-3-270m"})
     tuned = client.post("/generate", json=gen | {"adapter": job_id})

@@ -74,12 +74,12 @@ def test_concurrent_start_only_one_wins(store: JobStore) -> None:
 def test_list_newest_first_paginated_and_filtered(store: JobStore) -> None:
     ids = [_new(store) for _ in range(5)]
     store.start(ids[1])
-    page, more = store.list(2)
+    page, more = store.page(2)
     assert more and [j["id"] for j in page] == ids[::-1][:2]
-    page2, _ = store.list(2, after=page[-1]["id"])
+    page2, _ = store.page(2, after=page[-1]["id"])
     assert [j["id"] for j in page2] == ids[::-1][2:4]
-    running, _ = store.list(100, status="running")
+    running, _ = store.page(100, status="running")
     assert ids[1] in {j["id"] for j in running}
     assert all(j["status"] == "running" for j in running)
-    queued, _ = store.list(100, status="queued")
+    queued, _ = store.page(100, status="queued")
     assert ids[1] not in {j["id"] for j in queued}

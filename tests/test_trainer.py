@@ -16,10 +16,19 @@ from worker.trainer import train
 class Recorder:
     def __init__(self, stop_after: int | None = None) -> None:
         self.steps: list[int] = []
+        self.evals: list[dict[str, Any]] = []
+        self.events: list[str] = []
         self.stop_after = stop_after
 
-    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None:
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
+                 point: dict[str, Any]) -> None:
         self.steps.append(step)
+
+    def evaluated(self, point: dict[str, Any]) -> None:
+        self.evals.append(point)
+
+    def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        self.events.append(kind)
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.steps) >= self.stop_after
@@ -44,7 +53,8 @@ def test_trains_reports_every_step_and_saves(settings: Settings, tmp_path: Path,
     outcome = train(_payload(quotes[:8]), out, rec, settings)
     assert not outcome.cancelled and outcome.steps == 3 and rec.steps == [1, 2, 3]
     assert (out / "adapter_model.safetensors").is_file()
-    assert set(outcome.seconds) == {"data", "load", "train", "save"}
+    assert set(outcome.seconds) == {"data", "load", "eval", "train", "save"}
+    assert rec.events == ["dataset_stats", "adapter_saved"] and outcome.evaluation["samples"]
 
 
 def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Path,

@@ -64,7 +64,6 @@ class Engine:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         tokenizer = load_tokenizer(name, self.settings)
-        tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         model = load_model(name, quantization, self.settings)
         model.eval()
         _no_cpu_4bit_packing(model)
@@ -104,38 +103,46 @@ class Engine:
         load_ms = (time.monotonic() - t0) * 1000
 
         t1 = time.monotonic()
-        tok, model = base.tokenizer, base.model
-        enc = tok(req["prompts"], return_tensors="pt", padding=True).to(model.device)
-        kwargs: dict[str, Any] = {"max_new_tokens": req["max_new_tokens"], "do_sample": req["do_sample"],
-                                  "pad_token_id": tok.pad_token_id}
-        if req["do_sample"]:
-            kwargs |= {"temperature": req["temperature"], "top_p": req["top_p"], "top_k": req["top_k"]}
-        else:
-            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
-        if req.get("stop"):
-            kwargs |= {"stop_strings": req["stop"], "tokenizer": tok}
-        if req.get("seed") is not None:
-            set_seed(req["seed"])
-        base_only = isinstance(model, PeftModel) and not req.get("adapter")
-        with torch.inference_mode(), model.disable_adapter() if base_only else nullcontext():  # type: ignore[union-attr,operator]
-            out = model.generate(**enc, **kwargs)  # type: ignore[operator]
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        outputs = [self._decode(tok, row, req.get("stop") or []) for row in new_tokens]
+        params = {k: req[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")}
+        base_only = isinstance(base.model, PeftModel) and not req.get("adapter")
+        with base.model.disable_adapter() if base_only else nullcontext():  # type: ignore[union-attr,operator]
+            outputs = generate_texts(base.model, base.tokenizer, req["prompts"], **params)
         gen_ms = (time.monotonic() - t1) * 1000
         return {"outputs": outputs, "adapter": req.get("adapter"), "base_model": req["base_model"],
                 "timing": {"load_ms": round(load_ms, 1), "generate_ms": round(gen_ms, 1)}}
 
-    @staticmethod
-    def _decode(tok: PreTrainedTokenizerBase, row: torch.Tensor, stop: list[str]) -> dict[str, Any]:
-        ids = row.tolist()
-        finish = "length"
-        eos = {tok.eos_token_id, tok.pad_token_id} - {None}
-        for i, t in enumerate(ids):
-            if t in eos:
-                ids, finish = ids[:i], "stop"
-                break
-        text = tok.decode(ids, skip_special_tokens=True)
-        cuts = [text.index(s) for s in stop if s in text]
-        if cuts:
-            text, finish = text[: min(cuts)], "stop"
-        return {"text": text, "tokens": len(ids), "finish_reason": finish}
+
+def generate_texts(model: Any, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                   seed: int | None = None, stop: list[str] | None = None) -> list[dict[str, Any]]:
+    """Continuations of left-padded ``prompts``: text (prompt excluded), token count, finish reason."""
+    tok.padding_side = "left"  # decoder-only batches pad on the left
+    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "pad_token_id": tok.pad_token_id}
+    if do_sample:
+        kwargs |= {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    else:
+        kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+    if stop:
+        kwargs |= {"stop_strings": stop, "tokenizer": tok}
+    if seed is not None:
+        set_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**enc, **kwargs)
+    return [_decode(tok, row, stop or []) for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+def _decode(tok: PreTrainedTokenizerBase, row: torch.Tensor, stop: list[str]) -> dict[str, Any]:
+    ids = row.tolist()
+    finish = "length"
+    eos = {tok.eos_token_id, tok.pad_token_id} - {None}
+    for i, t in enumerate(ids):
+        if t in eos:
+            ids, finish = ids[:i], "stop"
+            break
+    text = tok.decode(ids, skip_special_tokens=True)
+    cuts = [text.index(s) for s in stop if s in text]
+    if cuts:
+        text, finish = text[: min(cuts)], "stop"
+    return {"text": text, "tokens": len(ids), "finish_reason": finish}

@@ -22,8 +22,15 @@ class _StoreReporter:
     def __init__(self, store: JobStore, job_id: str) -> None:
         self.store, self.job_id = store, job_id
 
-    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None:
-        self.store.report_progress(self.job_id, step, total_steps, eta_seconds, metrics)
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
+                 point: dict[str, Any]) -> None:
+        self.store.report_progress(self.job_id, step, total_steps, eta_seconds, metrics, point)
+
+    def evaluated(self, point: dict[str, Any]) -> None:
+        self.store.add_event(self.job_id, "eval", point, metric=point)
+
+    def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        self.store.add_event(self.job_id, kind, data, **(record or {}))
 
     def should_stop(self) -> bool:
         return self.store.cancel_requested(self.job_id)
@@ -58,7 +65,7 @@ def train_job(job_id: str) -> str:
     if outcome.cancelled or store.cancel_requested(job_id):
         store.transition(job_id, "cancelled")
         return "cancelled"
-    store.transition(job_id, "succeeded", adapter=job_id)
+    store.transition(job_id, "succeeded", adapter=job_id, evaluation=outcome.evaluation)
     return "succeeded"
 
 

@@ -1,6 +1,8 @@
-"""The notebook's recipe as a plain function: NF4 base + LoRA (peft) + trl SFTTrainer.
+"""The notebook's recipe as a plain function: NF4 base + LoRA (peft) + trl SFTTrainer, with evaluation.
 
 No Celery here: ``train`` takes the accepted job request and a ``Reporter`` and can run alone.
+Every job measures eval loss on held-out rows before, during and after training, and generates
+from a few prompts before and after (the notebook's before/after cells, done automatically).
 """
 
 from __future__ import annotations
@@ -10,27 +12,39 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from trl import SFTConfig, SFTTrainer
 
 from app.settings import Settings
-from worker.data import training_texts
+from worker.data import PreparedData, prepare
 from worker.errors import UserFacingError
+from worker.inference import generate_texts
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 
 log = logging.getLogger("ftaas.trainer")
 
-_LOGGED = {"loss": "loss", "learning_rate": "learning_rate", "epoch": "epoch", "grad_norm": "grad_norm"}
+SAMPLE_TOKENS = 32
+_LOGGED = ("loss", "learning_rate", "epoch", "grad_norm")
 
 
 class Reporter(Protocol):
-    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float]) -> None: ...
+    def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
+                 point: dict[str, Any]) -> None: ...
+    def evaluated(self, point: dict[str, Any]) -> None: ...
+    def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None: ...
     def should_stop(self) -> bool: ...
 
 
@@ -40,10 +54,11 @@ class TrainOutcome:
     steps: int
     losses: list[float]
     seconds: dict[str, float]
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
 
 class _ProgressCallback(TrainerCallback):
-    """Writes progress at each logging step; stops training at the next step once cancelled."""
+    """Reports each logging step and evaluation; stops training at the next step once cancelled."""
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
@@ -64,21 +79,29 @@ class _ProgressCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
+        step, total = state.global_step, state.max_steps
+        point: dict[str, Any] = {"step": step, "time": round(time.monotonic() - self.t0, 3)}
+        if "eval_loss" in logs:
+            point["eval_loss"] = float(logs["eval_loss"])
+            self.reporter.evaluated(point)
+            return
         if "loss" not in logs:
             return  # the end-of-training summary, not a step
-        metrics = {k: float(logs[src]) for k, src in _LOGGED.items() if isinstance(logs.get(src), int | float)}
-        self.losses.append(float(logs["loss"]))
-        step, total = state.global_step, state.max_steps
-        elapsed = time.monotonic() - self.t0
-        eta = round(elapsed / step * (total - step), 1) if step else None
-        self.reporter.progress(step, total, eta, metrics)
+        metrics = {k: float(logs[k]) for k in _LOGGED if isinstance(logs.get(k), int | float)}
+        self.losses.append(metrics["loss"])
+        point |= {"loss": metrics["loss"], "learning_rate": metrics.get("learning_rate"),
+                  "tokens_seen": int(logs["num_tokens"]) if "num_tokens" in logs else None}
+        eta = round((time.monotonic() - self.t0) / step * (total - step), 1) if step else None
+        self.reporter.progress(step, total, eta, metrics, point)
 
 
-def _config(hp: dict[str, Any], device: str, output_dir: str) -> SFTConfig:
+def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData) -> SFTConfig:
     half = compute_dtype(device)
+    evaluating = data.validation is not None
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=max(hp["batch_size"], 8),
         gradient_accumulation_steps=hp["gradient_accumulation_steps"],
         warmup_steps=hp["warmup_steps"],
         max_steps=hp["max_steps"],
@@ -93,26 +116,53 @@ def _config(hp: dict[str, Any], device: str, output_dir: str) -> SFTConfig:
         optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
         use_cpu=device == "cpu",
         logging_steps=1,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=hp.get("eval_interval") or max(1, hp["max_steps"] // 5),
+        assistant_only_loss=data.format == "messages",
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        dataset_text_field="text",
     )
 
 
-def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: Settings) -> TrainOutcome:
-    """Train a LoRA adapter for the accepted request ``payload``; save it to ``out_dir`` unless cancelled."""
+def _ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Chat data needs a template; the GGUF-built Gemma 3 tokenizer has none, so use trl's Gemma 3
+    training template (it marks assistant turns with ``{% generation %}`` for the loss mask)."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = resources.files("trl").joinpath("chat_templates/gemma3_training.jinja").read_text()
+
+
+def _prompt_texts(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [p if isinstance(p, str) else
+            str(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
+            for p in data.sample_prompts]
+
+
+def _token_stats(data: PreparedData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
+    texts = [e["text"] if "text" in e else e["prompt"] + e["completion"] if "prompt" in e
+             else str(tokenizer.apply_chat_template(e["messages"], tokenize=False)) for e in data.train]
+    lengths = sorted(len(ids) for ids in tokenizer(texts)["input_ids"])
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    return {"mean": round(sum(lengths) / len(lengths), 1), "p95": p95, "max": lengths[-1],
+            "over_max_length": sum(n > max_length for n in lengths)}
+
+
+def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Settings,
+                  output_dir: str) -> tuple[SFTTrainer, PreparedData, _ProgressCallback, dict[str, float]]:
+    """Data, tokenizer, NF4 model and the SFTTrainer for a job, ready to train (tests inspect it)."""
     hp = payload["hyperparameters"]
     device = pick_device(settings)
     seconds: dict[str, float] = {}
-
     t = time.monotonic()
-    texts = training_texts(payload, settings)
-    seconds["data"] = time.monotonic() - t
-
-    t = time.monotonic()
+    data = prepare(payload, settings)
     try:
         tokenizer = load_tokenizer(payload["base_model"], settings)
+        if data.format == "messages":
+            _ensure_chat_template(tokenizer)
+        data.stats["tokens"] = _token_stats(data, tokenizer, hp["max_length"])
+        seconds["data"] = time.monotonic() - t
+        reporter.event("dataset_stats", data.stats, {"dataset_stats": data.stats})
+        t = time.monotonic()
         model = load_model(payload["base_model"], hp["quantization"], settings)
     except UserFacingError:
         raise
@@ -126,26 +176,62 @@ def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: 
         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
     )
     callback = _ProgressCallback(reporter)
+    trainer = SFTTrainer(
+        model=model, args=_config(hp, device, output_dir, data), train_dataset=data.train,
+        eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+    )
+    return trainer, data, callback, seconds
+
+
+def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seed: int) -> list[str]:
+    model = trainer.model
+    was_training = model.training  # type: ignore[union-attr]
+    model.eval()  # type: ignore[union-attr]
+    outs = generate_texts(model, tokenizer, prompts, SAMPLE_TOKENS, seed=seed)
+    model.train(was_training)  # type: ignore[union-attr]
+    return [o["text"] for o in outs]
+
+
+def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: Settings) -> TrainOutcome:
+    """Train a LoRA adapter for the accepted request ``payload``; save it to ``out_dir`` unless cancelled."""
+    seed = payload["hyperparameters"]["seed"]
     with tempfile.TemporaryDirectory(prefix="ftaas-train-") as scratch:
-        trainer = SFTTrainer(
-            model=model, args=_config(hp, device, scratch), train_dataset=texts,
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
-        )
+        trainer, data, callback, seconds = build_trainer(payload, reporter, settings, scratch)
+        tokenizer = trainer.processing_class
+        prompts = _prompt_texts(data, tokenizer)  # type: ignore[arg-type]
+        t = time.monotonic()
+        evaluation: dict[str, Any] = {}
+        if data.validation is not None:
+            evaluation["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        before = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]  # LoRA B starts at 0: the base
+        seconds["eval"] = time.monotonic() - t
+
         t = time.monotonic()
         trainer.train()
         seconds["train"] = time.monotonic() - t
-    steps = trainer.state.global_step
-    if callback.cancelled:
-        return TrainOutcome(True, steps, callback.losses, seconds)
-    if not all(math.isfinite(x) for x in callback.losses):
-        raise UserFacingError("diverged", "training loss became NaN or infinite; try a lower learning_rate")
+        steps = trainer.state.global_step
+        if callback.cancelled:
+            return TrainOutcome(True, steps, callback.losses, seconds)
+        if not all(math.isfinite(x) for x in callback.losses):
+            raise UserFacingError("diverged", "training loss became NaN or infinite; try a lower learning_rate")
+
+        t = time.monotonic()
+        if data.validation is not None:
+            evaluation["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            before_loss = evaluation["eval_loss_before"]
+            evaluation["relative_change"] = round((evaluation["eval_loss_after"] - before_loss) / before_loss, 4)
+        after = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]
+        evaluation["samples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after,
+                                                                                          strict=True)]
+        seconds["eval"] += time.monotonic() - t
 
     t = time.monotonic()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)  # type: ignore[union-attr,operator]
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)  # type: ignore[union-attr]
     tmp.rename(out_dir)
     seconds["save"] = time.monotonic() - t
+    reporter.event("adapter_saved", {"adapter": out_dir.name, "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     log.info("trained %d steps in %s", steps, {k: round(v, 2) for k, v in seconds.items()})
-    return TrainOutcome(False, steps, callback.losses, seconds)
+    return TrainOutcome(False, steps, callback.losses, seconds, evaluation)
