@@ -226,17 +226,19 @@ def delete_dataset(dataset_id: str, ds: Datasets, cfg: Config) -> Response:
 
 # -- jobs on an uploaded dataset (called from create_job) ---------------------------------------------
 
-def dataset_rows(ds: DatasetStore, cfg: Settings, ds_id: str) -> list[dict[str, Any]]:
-    """The stored rows of ``dataset.id`` for the checks before queueing; 404 when there is none."""
+def dataset_rows(ds: DatasetStore, cfg: Settings, ds_id: str, field: str = "dataset.id") -> list[dict[str, Any]]:
+    """The stored rows of an uploaded dataset for the checks before queueing; 404 when there is none."""
     if ds.get(ds_id) is None:
-        raise _not_found(ds_id, "dataset.id")
+        raise _not_found(ds_id, field)
     with dataset_file(cfg, ds_id).open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def link_job(ds: DatasetStore, st: JobStore, body: JobCreate, job_id: str) -> None:
     """Record that the new job uses ``dataset.id`` (so it cannot be deleted under it); before enqueueing."""
-    ds_id = body.dataset.id
-    if ds_id is not None and not ds.link_job(ds_id, job_id):  # deleted since check_job_dataset
-        st.fail(job_id, "dataset_not_found", f"dataset {ds_id} was deleted before the job was queued")
-        raise _not_found(ds_id, "dataset.id")
+    validation = body.validation.dataset if body.validation else None
+    for ds_id, field in ((body.dataset.id, "dataset.id"), (validation.id if validation else None,
+                                                           "validation.dataset.id")):
+        if ds_id is not None and not ds.link_job(ds_id, job_id):  # deleted since it was checked
+            st.fail(job_id, "dataset_not_found", f"dataset {ds_id} was deleted before the job was queued")
+            raise _not_found(ds_id, field)

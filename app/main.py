@@ -121,6 +121,11 @@ def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg
         stats = _check_rows(payload, payload["dataset"]["rows"], "dataset.rows")
     elif body.dataset.id is not None:
         stats = _check_rows(payload, dataset_rows(ds, cfg, body.dataset.id), f"dataset {body.dataset.id}")
+    validation = body.validation.dataset if body.validation else None
+    if validation is not None and validation.hub is None:  # a separate set: its rows must be usable too
+        rows = payload["validation"]["dataset"]["rows"] if validation.rows is not None else dataset_rows(
+            ds, cfg, str(validation.id), "validation.dataset.id")
+        _check_rows(payload, rows, "validation.dataset")
     public = {k: v for k, v in payload.items() if k != "template_given"} | {
         "dataset": _dataset_summary(payload["dataset"])}
     if public.get("validation") and public["validation"].get("dataset"):

@@ -94,3 +94,10 @@ def test_openapi_documents_bounds(client: httpx.Client) -> None:
     assert hp["max_steps"]["default"] == 100 and hp["learning_rate"]["default"] == 2e-4
     assert schemas["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] == 1024
     assert schemas["JobCreate"]["properties"]["template"]["default"] == "Quote: {quote}\nAuthor: {author}"
+
+
+def test_validation_dataset_is_checked_before_queueing(client: httpx.Client) -> None:
+    body = {"dataset": {"rows": ROWS}, "validation": {"dataset": {"id": "ds_" + "0" * 22}}}
+    assert_error(client.post("/jobs", json=body), 404, "dataset_not_found", "validation.dataset.id")
+    body = {"dataset": {"rows": ROWS}, "validation": {"dataset": {"rows": [{"quote": "only a quote"}]}}}
+    assert_error(client.post("/jobs", json=body), 422, "template_field_missing", "template")
