@@ -14,16 +14,17 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.deps import Config, Datasets
 from app.errors import ApiError
 from app.jobstore import DatasetStore, JobStore, new_id
 from app.schemas import Dataset, DatasetFormat, DatasetId, DatasetList, ErrorEnvelope, JobCreate
-from app.settings import Settings, get_settings
+from app.settings import Settings
 from app.uploads import dataset_file, detect_format, is_dataset_id, normalise
 
 log = logging.getLogger("ftaas.api")
@@ -33,19 +34,6 @@ FILE_FIELD = "file"
 
 router = APIRouter(tags=["datasets"])
 
-_datasets: DatasetStore | None = None
-
-
-def dataset_store() -> DatasetStore:
-    global _datasets
-    if _datasets is None:
-        s = get_settings()
-        _datasets = DatasetStore.from_url(s.redis_url, s.redis_prefix)
-    return _datasets
-
-
-Datasets = Annotated[DatasetStore, Depends(dataset_store)]
-Config = Annotated[Settings, Depends(get_settings)]
 
 
 def _not_found(ds_id: str, field: str = "id") -> ApiError:

@@ -86,6 +86,12 @@ def new_job_id() -> str:
     return new_id("job")
 
 
+def redis_client(url: str) -> redis.Redis:
+    """Short timeouts: an unreachable Redis is an error within seconds, not a hung request."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+                                health_check_interval=30)
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "ftaas") -> None:
         self.r = client
@@ -94,10 +100,7 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ftaas") -> JobStore:
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-        )
-        return cls(client, prefix)
+        return cls(redis_client(url), prefix)
 
     def _key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}"
@@ -281,10 +284,7 @@ class DatasetStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ftaas") -> DatasetStore:
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-        )
-        return cls(client, prefix)
+        return cls(redis_client(url), prefix)
 
     def _key(self, ds_id: str) -> str:
         return f"{self.p}:dataset:{ds_id}"

@@ -11,12 +11,13 @@ from typing import Annotated, Any
 
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import errors
-from app.dataset_routes import Datasets, dataset_rows, link_job
+from app.dataset_routes import dataset_rows, link_job
 from app.dataset_routes import router as dataset_router
+from app.deps import Config, Datasets, Store
 from app.errors import ApiError
 from app.formats import detect_format, missing_everywhere, row_plan
 from app.jobstore import JobStore, new_job_id
@@ -33,7 +34,6 @@ from app.schemas import (
     JobStatus,
     MetricSeries,
 )
-from app.settings import Settings, get_settings
 from worker.celery_app import GENERATE_QUEUE, GENERATE_TASK, TRAIN_QUEUE, TRAIN_TASK, celery_app
 
 log = logging.getLogger("ftaas.api")
@@ -55,19 +55,6 @@ def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
     return errors.envelope(503, "store_unavailable", "the job store (Redis) is not answering; try again shortly")
 
 
-_store: JobStore | None = None
-
-
-def store() -> JobStore:
-    global _store
-    if _store is None:
-        s = get_settings()
-        _store = JobStore.from_url(s.redis_url, s.redis_prefix)
-    return _store
-
-
-Store = Annotated[JobStore, Depends(store)]
-Config = Annotated[Settings, Depends(get_settings)]
 
 
 _JOB_ID = re.compile(r"job_[0-9a-f]{22}")
