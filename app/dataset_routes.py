@@ -25,7 +25,8 @@ from app.errors import ApiError
 from app.jobstore import DatasetStore, JobStore, new_id
 from app.schemas import Dataset, DatasetFormat, DatasetId, DatasetList, ErrorEnvelope, JobCreate
 from app.settings import Settings
-from app.uploads import dataset_file, detect_format, is_dataset_id, normalise
+from app.storage import dataset_file, is_dataset_id
+from app.uploads import detect_format, normalise
 
 log = logging.getLogger("ftaas.api")
 #: Room for the multipart boundaries and part headers around the file in a request's Content-Length.

@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 
 from app.errors import ApiError
 from app.schemas import DatasetFormat
-from app.settings import Settings
 
 FORMATS: dict[str, DatasetFormat] = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 #: Content types a part may declare for each format; ``application/octet-stream`` fits them all.
@@ -50,20 +49,8 @@ MAX_COLUMN_NAME = 100
 SHOWN_PROBLEMS = 5
 MAX_JSON_ELEMENT_CHARS = 32 * 1024 * 1024
 _CHUNK_CHARS = 1024 * 1024
-_DATASET_ID = re.compile(r"^ds_[0-9a-f]{22}$")
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _VALUES = "values must be strings, numbers, booleans or null (or a 'messages' list of {role, content} objects)"
-
-
-def is_dataset_id(value: str) -> bool:
-    return bool(_DATASET_ID.match(value))
-
-
-def dataset_file(settings: Settings, ds_id: str) -> Path:
-    """Where an uploaded dataset's rows are, as JSONL: read by the worker, written by the API."""
-    if not is_dataset_id(ds_id):
-        raise ValueError(f"not a dataset id: {ds_id!r}")
-    return settings.dataset_dir / f"{ds_id}.jsonl"
 
 
 def detect_format(filename: str | None, content_type: str | None) -> DatasetFormat:

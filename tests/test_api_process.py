@@ -9,3 +9,11 @@ def test_api_never_imports_torch() -> None:
             "'bitsandbytes', 'datasets') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_workers_never_import_the_web_framework() -> None:
+    code = ("import sys, worker.tasks, worker.trainer, worker.inference; "
+            "web = [m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules]; print(web); "
+            "sys.exit(1 if web else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from app import uploads
+from app import storage, uploads
 from app.errors import ApiError
 from app.jobstore import DatasetStore, JobStore, new_id, new_job_id
 from app.schemas import DatasetFormat
@@ -154,10 +154,10 @@ def test_detect_format_rejects(filename: str | None, content_type: str | None) -
 
 def test_dataset_file_takes_only_ids(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    assert uploads.dataset_file(settings, "ds_" + "0" * 22) == tmp_path / "datasets" / f"ds_{'0' * 22}.jsonl"
+    assert storage.dataset_file(settings, "ds_" + "0" * 22) == tmp_path / "datasets" / f"ds_{'0' * 22}.jsonl"
     for bad in ("../../etc/passwd", "ds_" + "0" * 21 + "/", "ds_x", ""):
         with pytest.raises(ValueError):
-            uploads.dataset_file(settings, bad)
+            storage.dataset_file(settings, bad)
 
 
 def test_dataset_store_links_jobs_and_refuses_delete(redis_url: str, prefix: str, store: JobStore) -> None:

@@ -15,7 +15,7 @@ from datasets import Dataset, load_dataset
 
 from app.formats import Format, detect_format, held_out, missing_everywhere, row_plan, row_stats
 from app.settings import Settings
-from app.uploads import dataset_file
+from app.storage import dataset_file
 from worker.errors import UserFacingError
 
 SAMPLE_COUNT = 3
