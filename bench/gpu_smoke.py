@@ -218,6 +218,8 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch folder for the model and adapters (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: the job default, 100)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--validation-fraction", type=float, default=None,
+                    help="override the job's validation split (0 = none, as before evaluation existed)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generate runs per combination, after a warm-up")
     a = ap.parse_args()
 
@@ -255,6 +257,8 @@ def main() -> int:
     job = JobCreate.model_validate({"base_model": HUB_ID, "dataset": {"rows": rows}})
     payload = job.model_dump()
     payload["template_given"] = "template" in job.model_fields_set  # as app/main.py sets it
+    if a.validation_fraction is not None:
+        payload["validation"] = {"fraction": a.validation_fraction}
     payload["hyperparameters"]["seed"] = 42  # app/main.py picks one when absent; fixed here to be repeatable
     if a.tiny:
         payload["hyperparameters"]["max_steps"] = 3
