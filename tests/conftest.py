@@ -64,7 +64,7 @@ def prefix(redis_url: str) -> Iterator[str]:
     p = f"ftaas-test-{secrets.token_hex(4)}"
     yield p
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{p}:*", count=1000))
+    keys = list(client.scan_iter(f"{p}*", count=1000))  # the service's keys and the unit tests' (p-unit:...)
     if keys:
         client.delete(*keys)
 
@@ -87,8 +87,15 @@ def service_env(redis_url: str, prefix: str, data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def store(redis_url: str, prefix: str) -> JobStore:
-    return JobStore.from_url(redis_url, prefix)
+def unit_prefix(prefix: str) -> str:
+    """Keys of tests that write the stores directly: apart from the running service's, whose listings
+    must only ever hold records the API made."""
+    return f"{prefix}-unit"
+
+
+@pytest.fixture(scope="session")
+def store(redis_url: str, unit_prefix: str) -> JobStore:
+    return JobStore.from_url(redis_url, unit_prefix)
 
 
 @pytest.fixture(scope="session")

@@ -160,8 +160,8 @@ def test_dataset_file_takes_only_ids(tmp_path: Path) -> None:
             storage.dataset_file(settings, bad)
 
 
-def test_dataset_store_links_jobs_and_refuses_delete(redis_url: str, prefix: str, store: JobStore) -> None:
-    ds = DatasetStore.from_url(redis_url, prefix)
+def test_dataset_store_links_jobs_and_refuses_delete(redis_url: str, unit_prefix: str, store: JobStore) -> None:
+    ds = DatasetStore.from_url(redis_url, unit_prefix)
     ds_id, job_id = new_id("ds"), new_job_id()
     assert not ds.link_job(ds_id, job_id)  # no such dataset (e.g. deleted between check and link)
     ds.create(ds_id, {"id": ds_id})
@@ -172,7 +172,8 @@ def test_dataset_store_links_jobs_and_refuses_delete(redis_url: str, prefix: str
     store.request_cancel(job_id)
     assert ds.delete(ds_id) == (True, [])
     assert ds.get(ds_id) is None and ds.delete(ds_id) == (False, [])
-    assert not ds.r.exists(f"{prefix}:dataset:{ds_id}:jobs") and ds_id not in ds.r.zrange(f"{prefix}:datasets", 0, -1)
+    assert not ds.r.exists(f"{unit_prefix}:dataset:{ds_id}:jobs")
+    assert ds_id not in ds.r.zrange(f"{unit_prefix}:datasets", 0, -1)
     assert not ds.link_job(ds_id, job_id)
 
 
