@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(PY) -m app.serve
+	$(VENV)/bin/ftaas serve
 
 test: install
 	$(PY) -m pytest -q

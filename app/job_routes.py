@@ -18,6 +18,7 @@ from app.deps import Config, Datasets, Store
 from app.errors import ApiError
 from app.formats import detect_format, missing_everywhere, row_plan
 from app.jobstore import JobStore, new_job_id
+from app.metrics import observe_generate
 from app.schemas import (
     TERMINAL_STATUSES,
     GenerateRequest,
@@ -180,6 +181,7 @@ def generate(body: GenerateRequest, st: Store, cfg: Config) -> dict[str, Any]:
         raise ApiError(status, reply["error"]["code"], reply["error"]["message"])
     out: dict[str, Any] = reply["result"]
     out["timing"]["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
+    observe_generate(out["timing"]["total_ms"] / 1000, out["outputs"])
     return out
 
 

@@ -10,9 +10,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app import errors
+from app.dashboard import router as dashboard_router
 from app.dataset_routes import router as dataset_router
 from app.deps import Config, Store
 from app.job_routes import router as job_router
+from app.metrics import router as metrics_router
 from app.openai_routes import router as openai_router
 from app.schemas import ErrorEnvelope
 from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, celery_app
@@ -58,3 +60,5 @@ def readyz(st: Store, cfg: Config) -> JSONResponse:
 app.include_router(job_router)
 app.include_router(dataset_router)
 app.include_router(openai_router)
+app.include_router(metrics_router)
+app.include_router(dashboard_router)

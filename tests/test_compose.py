@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,25 @@ def test_services_share_redis_and_wait_for_it(services: dict[str, dict[str, Any]
     assert urls == {"redis://redis:6379/0"}
     for name in APP_SERVICES:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_flower_is_optional_and_reads_the_workers_broker(services: dict[str, dict[str, Any]]) -> None:
+    flower = services["flower"]
+    assert flower.get("profiles") == ["flower"], "flower starts only with `--profile flower`"
+    for name in SERVICES:
+        assert not services[name].get("profiles"), f"{name} must start without a profile"
+    # The same broker URL and the project's Celery app, hence the same global_keyprefix as the workers.
+    broker = env(flower).get("FTAAS_REDIS_URL") or env(flower).get("REDIS_URL")
+    assert broker == env(services["worker-train"]).get("FTAAS_REDIS_URL") == "redis://redis:6379/0"
+    command = flower["command"]
+    assert command[command.index("-A") + 1] == "worker.celery_app" and "flower" in command, command
+    assert "--port=5555" in command or command[command.index("--port") + 1] == "5555", command
+    assert any(str(p).endswith("5555:5555") for p in flower.get("ports") or []), flower.get("ports")
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert flower["build"] == services["api"]["build"], "flower runs in the project's image"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"flower\b", d) for d in deps), "the image installs the project's dependencies only"
+    assert "/healthcheck" in healthcheck_text(flower)
 
 
 def test_all_app_services_share_the_default_base_model(services: dict[str, dict[str, Any]]) -> None:

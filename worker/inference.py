@@ -70,8 +70,10 @@ class Engine:
         self._bases[key] = _Base(model, tokenizer)
         return self._bases[key]
 
-    def _activate(self, base: _Base, adapter: str) -> None:
-        if adapter in base.adapters:
+    def _activate(self, base: _Base, adapter: str) -> bool:
+        """Make ``adapter`` the active one; True when it had to be loaded, False when it was cached."""
+        loaded = adapter not in base.adapters
+        if not loaded:
             base.adapters.move_to_end(adapter)
         else:
             path = self.settings.adapter_dir / adapter
@@ -89,17 +91,22 @@ class Engine:
                 base.model.delete_adapter(old)
         assert isinstance(base.model, PeftModel)
         base.model.set_adapter(adapter)
+        return loaded
 
     def loaded(self) -> dict[str, list[str]]:
         return {f"{n}:{q}": list(b.adapters) for (n, q), b in self._bases.items()}
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
-        """``req``: prompts, base_model, quantization, adapter (or None) and the sampling fields."""
+        """``req``: prompts, base_model, quantization, adapter (or None) and the sampling fields.
+
+        With an adapter, ``adapter_cache`` in the result says whether it was a ``hit`` or a ``load``.
+        """
         t0 = time.monotonic()
         base = self._base(req["base_model"], req["quantization"])
+        cache = None
         if req.get("adapter"):
-            self._activate(base, req["adapter"])
+            cache = "load" if self._activate(base, req["adapter"]) else "hit"
         load_ms = (time.monotonic() - t0) * 1000
 
         t1 = time.monotonic()
@@ -109,7 +116,7 @@ class Engine:
             outputs = generate_texts(base.model, base.tokenizer, req["prompts"], **params)
         gen_ms = (time.monotonic() - t1) * 1000
         return {"outputs": outputs, "adapter": req.get("adapter"), "base_model": req["base_model"],
-                "timing": {"load_ms": round(load_ms, 1), "generate_ms": round(gen_ms, 1)}}
+                "timing": {"load_ms": round(load_ms, 1), "generate_ms": round(gen_ms, 1)}, "adapter_cache": cache}
 
 
 def generate_texts(model: Any, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,

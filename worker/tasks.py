@@ -16,6 +16,7 @@ from worker.errors import UserFacingError
 
 log = logging.getLogger("ftaas.tasks")
 _engine: Any = None
+_store: JobStore | None = None
 
 
 class _StoreReporter:
@@ -72,7 +73,7 @@ def train_job(job_id: str) -> str:
 @celery_app.task(name=GENERATE_TASK)
 def generate(request: dict[str, Any], enqueued_at: float) -> dict[str, Any]:
     """Returns ``{"result": ...}`` or ``{"error": {"code", "message"}}``; never raises for user errors."""
-    global _engine
+    global _engine, _store
     queue_ms = (time.time() - enqueued_at) * 1000
     try:
         if _engine is None:
@@ -83,4 +84,11 @@ def generate(request: dict[str, Any], enqueued_at: float) -> dict[str, Any]:
     except UserFacingError as e:
         return {"error": {"code": e.code, "message": e.message}}
     result["timing"]["queue_ms"] = round(queue_ms, 1)
+    cache = result.pop("adapter_cache", None)
+    if cache:  # counted for /metrics; a failed count never fails the generation
+        try:
+            _store = _store or JobStore.from_url(get_settings().redis_url, get_settings().redis_prefix)
+            _store.incr_stat("adapter_hits" if cache == "hit" else "adapter_loads")
+        except Exception:
+            log.warning("could not count adapter cache %s", cache, exc_info=True)
     return {"result": result}
