@@ -28,7 +28,7 @@ import json
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -97,15 +97,22 @@ def redis_client(url: str) -> redis.Redis:
                                 health_check_interval=30)
 
 
-class JobStore:
+class _Store:
+    """A Redis client and the key prefix every key of this module starts with."""
+
     def __init__(self, client: redis.Redis, prefix: str = "ftaas") -> None:
         self.r = client
         self.p = prefix
-        self._update = client.register_script(_UPDATE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "ftaas") -> JobStore:
+    def from_url(cls, url: str, prefix: str = "ftaas") -> Self:
         return cls(redis_client(url), prefix)
+
+
+class JobStore(_Store):
+    def __init__(self, client: redis.Redis, prefix: str = "ftaas") -> None:
+        super().__init__(client, prefix)
+        self._update = client.register_script(_UPDATE)
 
     def _key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}"
@@ -318,18 +325,13 @@ return 1
 """
 
 
-class DatasetStore:
+class DatasetStore(_Store):
     """Metadata of uploaded datasets and the jobs that use them; the rows live in the dataset folder."""
 
     def __init__(self, client: redis.Redis, prefix: str = "ftaas") -> None:
-        self.r = client
-        self.p = prefix
+        super().__init__(client, prefix)
         self._delete = client.register_script(_DELETE_DATASET)
         self._link = client.register_script(_LINK_JOB)
-
-    @classmethod
-    def from_url(cls, url: str, prefix: str = "ftaas") -> DatasetStore:
-        return cls(redis_client(url), prefix)
 
     def _key(self, ds_id: str) -> str:
         return f"{self.p}:dataset:{ds_id}"

@@ -119,6 +119,18 @@ def _finish(out: Console, final: dict[str, Any] | None) -> None:
         raise typer.Exit(1)
 
 
+def _print_page(page: dict[str, Any], table: Callable[[list[dict[str, Any]]], Any], what: str,
+                command: str) -> None:
+    """A listed page as a table, with the command for the next page when there is one."""
+    out = console()
+    if not page["data"]:
+        out.print(f"no {what}")
+        return
+    out.print(table(page["data"]))
+    if page.get("has_more"):
+        out.print(f"more: {command} --after {page['next_after']}")
+
+
 @app.command("jobs")
 @handled
 def list_jobs(
@@ -136,12 +148,7 @@ def list_jobs(
     if as_json:
         out.print_json(data=page)
         return
-    if not page["data"]:
-        out.print("no jobs")
-        return
-    out.print(jobs_table(page["data"]))
-    if page.get("has_more"):
-        out.print(f"more: ftaas jobs --after {page['next_after']}")
+    _print_page(page, jobs_table, "jobs", "ftaas jobs")
 
 
 @app.command("job")
@@ -219,13 +226,7 @@ def list_datasets(
     """List uploaded datasets, newest first."""
     with Client() as client:
         page = client.get("/datasets", params={"limit": limit} | ({"after": after} if after else {}))
-    out = console()
-    if not page["data"]:
-        out.print("no datasets")
-        return
-    out.print(datasets_table(page["data"]))
-    if page.get("has_more"):
-        out.print(f"more: ftaas datasets list --after {page['next_after']}")
+    _print_page(page, datasets_table, "datasets", "ftaas datasets list")
 
 
 @app.command()
