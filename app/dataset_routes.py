@@ -20,9 +20,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.auth import Caller
 from app.deps import Config, Datasets
 from app.errors import ApiError
 from app.jobstore import DatasetStore, JobStore, new_id
+from app.keys import Principal
 from app.schemas import Dataset, DatasetFormat, DatasetId, DatasetList, ErrorEnvelope, JobCreate
 from app.settings import Settings
 from app.storage import dataset_file, is_dataset_id
@@ -135,7 +137,7 @@ async def _receive(request: Request, dest: Path, limit: int) -> _FileReceiver:
 
 
 def _store_upload(cfg: Settings, ds: DatasetStore, ds_id: str, upload: Path, staged: Path,
-                  got: _FileReceiver) -> dict[str, Any]:
+                  got: _FileReceiver, tenant: str) -> dict[str, Any]:
     """Check and normalise the received file, move it into place and record it (in a worker thread)."""
     assert got.format is not None
     summary = normalise(upload, got.format, staged)
@@ -144,7 +146,7 @@ def _store_upload(cfg: Settings, ds: DatasetStore, ds_id: str, upload: Path, sta
     meta = {"id": ds_id, "object": "dataset", "filename": got.filename or "", "format": got.format,
             "row_count": summary.row_count, "dropped_rows": summary.dropped_rows,
             "columns": sorted(summary.columns), "bytes": got.size, "created_at": time.time(),
-            "preview": summary.preview}
+            "preview": summary.preview, "tenant": tenant}
     try:
         ds.create(ds_id, meta)
     except BaseException:
@@ -162,14 +164,15 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 @router.post("/datasets", status_code=201, response_model=Dataset, openapi_extra=_UPLOAD_BODY,
              responses={s: {"model": ErrorEnvelope} for s in (400, 413, 415, 422)})
-async def upload_dataset(request: Request, response: Response, cfg: Config, ds: Datasets) -> dict[str, Any]:
+async def upload_dataset(request: Request, response: Response, cfg: Config, ds: Datasets,
+                         caller: Caller) -> dict[str, Any]:
     """Upload a dataset file (multipart field ``file``); 201 with its id, row count, columns and a preview."""
     ds_id = new_id("ds")
     cfg.dataset_dir.mkdir(parents=True, exist_ok=True)
     upload, staged = cfg.dataset_dir / f".{ds_id}.upload", cfg.dataset_dir / f".{ds_id}.partial"
     try:
         got = await _receive(request, upload, cfg.max_upload_bytes)
-        meta = await run_in_threadpool(_store_upload, cfg, ds, ds_id, upload, staged, got)
+        meta = await run_in_threadpool(_store_upload, cfg, ds, ds_id, upload, staged, got, caller.tenant)
     finally:
         upload.unlink(missing_ok=True)
         staged.unlink(missing_ok=True)
@@ -181,27 +184,32 @@ async def upload_dataset(request: Request, response: Response, cfg: Config, ds: 
 @router.get("/datasets", response_model=DatasetList)
 def list_datasets(
     ds: Datasets,
+    caller: Caller,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     after: Annotated[DatasetId | None, Query(description="The `next_after` of the previous page.")] = None,
 ) -> dict[str, Any]:
-    items, has_more = ds.page(limit, after)
+    items, has_more = ds.page(limit, after, caller.scope)
     return {"data": items, "has_more": has_more, "next_after": items[-1]["id"] if has_more and items else None}
 
 
 @router.get("/datasets/{dataset_id}", response_model=Dataset)
-def get_dataset(dataset_id: str, ds: Datasets) -> dict[str, Any]:
-    meta = ds.get(dataset_id) if is_dataset_id(dataset_id) else None
-    if meta is None:
-        raise _not_found(dataset_id)
+def get_dataset(dataset_id: str, ds: Datasets, caller: Caller) -> dict[str, Any]:
+    return _owned(ds, dataset_id, caller)
+
+
+def _owned(ds: DatasetStore, ds_id: str, caller: Principal, field: str = "id") -> dict[str, Any]:
+    """The dataset's metadata; 404 when there is none or another tenant owns it (the same answer)."""
+    meta = ds.get(ds_id) if is_dataset_id(ds_id) else None  # never let a path segment name another key
+    if meta is None or not caller.owns(meta.get("tenant")):
+        raise _not_found(ds_id, field)
     return meta
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, response_class=Response,
                responses={409: {"model": ErrorEnvelope}})
-def delete_dataset(dataset_id: str, ds: Datasets, cfg: Config) -> Response:
+def delete_dataset(dataset_id: str, ds: Datasets, cfg: Config, caller: Caller) -> Response:
     """Delete the dataset and its file; 409 while a queued or running job trains on it."""
-    if not is_dataset_id(dataset_id):  # never let a path segment name another key
-        raise _not_found(dataset_id)
+    _owned(ds, dataset_id, caller)
     deleted, busy = ds.delete(dataset_id)
     if busy:
         raise ApiError(409, "dataset_in_use",
@@ -215,10 +223,10 @@ def delete_dataset(dataset_id: str, ds: Datasets, cfg: Config) -> Response:
 
 # -- jobs on an uploaded dataset (called from create_job) ---------------------------------------------
 
-def dataset_rows(ds: DatasetStore, cfg: Settings, ds_id: str, field: str = "dataset.id") -> list[dict[str, Any]]:
-    """The stored rows of an uploaded dataset for the checks before queueing; 404 when there is none."""
-    if ds.get(ds_id) is None:
-        raise _not_found(ds_id, field)
+def dataset_rows(ds: DatasetStore, cfg: Settings, ds_id: str, field: str = "dataset.id", *,
+                 caller: Principal) -> list[dict[str, Any]]:
+    """The stored rows of a dataset the caller owns, for the checks before queueing; 404 when there is none."""
+    _owned(ds, ds_id, caller, field)
     with dataset_file(cfg, ds_id).open() as f:
         return [json.loads(line) for line in f if line.strip()]
 

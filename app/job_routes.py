@@ -9,16 +9,18 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.auth import Caller
 from app.dataset_routes import dataset_rows, link_job
 from app.deps import Config, Datasets, Store
 from app.errors import ApiError
 from app.formats import detect_format, missing_everywhere, row_plan
+from app.generate_routes import stream_generate, wait_generate
 from app.jobstore import JobStore, new_job_id
-from app.metrics import observe_generate
+from app.keys import Principal
+from app.limits import check_generate, check_job, count_generate, take_job_slot
 from app.schemas import (
     TERMINAL_STATUSES,
     GenerateRequest,
@@ -31,7 +33,7 @@ from app.schemas import (
     JobStatus,
     MetricSeries,
 )
-from worker.celery_app import GENERATE_QUEUE, GENERATE_TASK, TRAIN_QUEUE, TRAIN_TASK, celery_app
+from worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, celery_app
 
 log = logging.getLogger("ftaas.api")
 router = APIRouter()
@@ -44,15 +46,18 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, "job_not_found", f"no job with id {job_id!r}", "id")
 
 
-def _get_job(st: JobStore, job_id: str) -> dict[str, Any]:
+def _get_job(st: JobStore, job_id: str, caller: Principal) -> dict[str, Any]:
+    """The job, or 404 when there is none or another tenant owns it (the two answers are the same)."""
     job = st.get(job_id) if _JOB_ID.fullmatch(job_id) else None  # never a key of another kind
-    if job is None:
+    if job is None or not caller.owns(job.get("tenant")):
         raise _not_found(job_id)
     return job
 
 
 @router.post("/jobs", status_code=202, response_model=Job, tags=["jobs"])
-def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg: Config) -> dict[str, Any]:
+def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg: Config,
+               caller: Caller) -> dict[str, Any]:
+    check_job(body, cfg)
     base_model = body.base_model or cfg.default_base_model
     if base_model not in cfg.known_models:
         raise ApiError(422, "unknown_base_model",
@@ -66,11 +71,12 @@ def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg
     if body.dataset.rows is not None:
         stats = _check_rows(payload, payload["dataset"]["rows"], "dataset.rows")
     elif body.dataset.id is not None:
-        stats = _check_rows(payload, dataset_rows(ds, cfg, body.dataset.id), f"dataset {body.dataset.id}")
+        stats = _check_rows(payload, dataset_rows(ds, cfg, body.dataset.id, caller=caller),
+                            f"dataset {body.dataset.id}")
     validation = body.validation.dataset if body.validation else None
     if validation is not None and validation.hub is None:  # a separate set: its rows must be usable too
         rows = payload["validation"]["dataset"]["rows"] if validation.rows is not None else dataset_rows(
-            ds, cfg, str(validation.id), "validation.dataset.id")
+            ds, cfg, str(validation.id), "validation.dataset.id", caller=caller)
         _check_rows(payload, rows, "validation.dataset")
     public = {k: v for k, v in payload.items() if k != "template_given"} | {
         "dataset": _dataset_summary(payload["dataset"])}
@@ -78,7 +84,8 @@ def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg
         public["validation"] = {"dataset": _dataset_summary(public["validation"]["dataset"])}
 
     job_id = new_job_id()
-    st.create(job_id, payload, public, payload["hyperparameters"]["max_steps"], stats)
+    take_job_slot(st, caller, job_id, cfg)
+    st.create(job_id, payload, public, payload["hyperparameters"]["max_steps"], stats, tenant=caller.tenant)
     link_job(ds, st, body, job_id)
     try:
         celery_app.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
@@ -87,7 +94,7 @@ def create_job(body: JobCreate, response: Response, st: Store, ds: Datasets, cfg
         st.fail(job_id, "queue_unavailable", "the job could not be queued")
         raise ApiError(503, "queue_unavailable", "the task queue is not answering; the job was not queued") from e
     response.headers["Location"] = f"/jobs/{job_id}"
-    return _get_job(st, job_id)
+    return _get_job(st, job_id, caller)
 
 
 def _check_rows(payload: dict[str, Any], rows: list[dict[str, Any]], where: str) -> dict[str, Any]:
@@ -119,36 +126,41 @@ def _dataset_summary(dataset: dict[str, Any]) -> dict[str, Any]:
 @router.get("/jobs", response_model=JobList, tags=["jobs"])
 def list_jobs(
     st: Store,
+    caller: Caller,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     after: Annotated[JobId | None, Query(description="The `next_after` of the previous page.")] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
 ) -> dict[str, Any]:
-    jobs, has_more = st.page(limit, after, status)
+    jobs, has_more = st.page(limit, after, status, caller.scope)
     return {"data": jobs, "has_more": has_more, "next_after": jobs[-1]["id"] if has_more and jobs else None}
 
 
 @router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"])
-def get_job(job_id: str, st: Store) -> dict[str, Any]:
-    return _get_job(st, job_id)
+def get_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
+    return _get_job(st, job_id, caller)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, tags=["jobs"])
-def cancel_job(job_id: str, st: Store) -> dict[str, Any]:
+def cancel_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one stops at its next step (202 either way)."""
-    accepted, status = st.request_cancel(job_id) if _JOB_ID.fullmatch(job_id) else (False, None)
+    _get_job(st, job_id, caller)
+    accepted, status = st.request_cancel(job_id)
     if status is None:
         raise _not_found(job_id)
     if not accepted:
         raise ApiError(409, "job_finished", f"job {job_id} already ended with status {status!r}")
-    return _get_job(st, job_id)
+    return _get_job(st, job_id, caller)
 
 
-@router.post("/generate", response_model=GenerateResponse, tags=["generate"])
-def generate(body: GenerateRequest, st: Store, cfg: Config) -> dict[str, Any]:
+@router.post("/generate", response_model=GenerateResponse, tags=["generate"],
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}})
+def generate(body: GenerateRequest, st: Store, cfg: Config, caller: Caller) -> Any:
     t0 = time.monotonic()
+    count_generate(st, caller, cfg)  # every attempt counts, a rejected one too
+    check_generate(body, cfg)
     if body.adapter:
         job = st.get(body.adapter)
-        if job is None:
+        if job is None or not caller.owns(job.get("tenant")):
             raise ApiError(404, "adapter_not_found", f"no adapter {body.adapter!r}", "adapter")
         if job["status"] != "succeeded":
             raise ApiError(409, "adapter_not_ready",
@@ -162,33 +174,17 @@ def generate(body: GenerateRequest, st: Store, cfg: Config) -> dict[str, Any]:
         if base_model not in cfg.known_models:
             raise ApiError(422, "unknown_base_model",
                            f"unknown base model {base_model!r}; known: {', '.join(cfg.known_models)}", "base_model")
-    task_req = body.model_dump(exclude={"prompt", "prompts"}) | {
+    task_req = body.model_dump(exclude={"prompt", "prompts", "stream"}) | {
         "prompts": body.prompt_list, "base_model": base_model, "quantization": quantization}
-    result = celery_app.send_task(GENERATE_TASK, args=[task_req, time.time()], queue=GENERATE_QUEUE)
-    try:
-        reply = result.get(timeout=cfg.generate_timeout_s)
-    except CeleryTimeout:
-        result.revoke()
-        raise ApiError(504, "generate_timeout",
-                       f"no generate worker answered within {cfg.generate_timeout_s:g} s; try again") from None
-    except Exception as e:  # the task raised: its traceback is in the worker's log
-        log.warning("generate task failed: %s", e)
-        raise ApiError(502, "generate_failed", "generation failed on the worker; see the worker log") from None
-    finally:
-        result.forget()
-    if "error" in reply:
-        status = 404 if reply["error"]["code"] == "adapter_not_found" else 422
-        raise ApiError(status, reply["error"]["code"], reply["error"]["message"])
-    out: dict[str, Any] = reply["result"]
-    out["timing"]["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
-    observe_generate(out["timing"]["total_ms"] / 1000, out["outputs"])
-    return out
+    if body.stream:  # server-sent events (app/generate_routes.py)
+        return stream_generate(task_req, t0, cfg)
+    return wait_generate(task_req, t0, cfg)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricSeries, tags=["jobs"])
-def job_metrics(job_id: str, st: Store) -> dict[str, Any]:
+def job_metrics(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
     """The whole series: one point per logging step (loss, learning rate, tokens seen) or evaluation."""
-    _get_job(st, job_id)
+    _get_job(st, job_id, caller)
     return {"data": st.metric_series(job_id)}
 
 
@@ -198,12 +194,13 @@ def job_events(
     job_id: str,
     request: Request,
     st: Store,
+    caller: Caller,
     after: Annotated[str | None, Query(pattern=r"^\d+-\d+$", description="Last event id seen.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Any:
     """The job's event log, oldest first. With ``Accept: text/event-stream``: a live stream that ends
     when the job ends, resumable with ``Last-Event-ID``."""
-    _get_job(st, job_id)
+    _get_job(st, job_id, caller)
     if "text/event-stream" in request.headers.get("accept", ""):
         last = request.headers.get("last-event-id") or after
         if last is not None and not re.fullmatch(r"\d+-\d+", last):

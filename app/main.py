@@ -3,32 +3,52 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app import errors
+from app import auth, errors
 from app.dashboard import router as dashboard_router
 from app.dataset_routes import router as dataset_router
-from app.deps import Config, Store
+from app.deps import Config, Store, job_store
+from app.generate_routes import router as generate_router
 from app.job_routes import router as job_router
+from app.limits import BodyLimit
 from app.metrics import router as metrics_router
 from app.openai_routes import router as openai_router
 from app.schemas import ErrorEnvelope
-from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, celery_app
+from app.settings import get_settings
+from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, celery_app, enqueue_train
+from worker.lease import Reaper
 
 log = logging.getLogger("ftaas.api")
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorEnvelope} for s in (400, 404, 409, 422, 502, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorEnvelope} for s in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504)}
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    auth.startup_check(get_settings())  # logs the auth mode; refuses to run open on a public address
+    # lost jobs are requeued even while no train worker is up (worker/lease.py; workers sweep too)
+    reaper = Reaper(job_store(), get_settings(), enqueue_train)
+    reaper.thread()
+    yield
+    reaper.stopped.set()
+
 
 app = FastAPI(
     title="ftaas",
     version="0.1.0",
     description="Fine-tune as a service: LoRA adapters on 4-bit NF4 base models, trained and served by GPU workers.",
     responses=_ERRORS,
+    lifespan=_lifespan,
 )
 errors.install(app)
+app.add_middleware(BodyLimit)
 
 
 @app.exception_handler(redis.RedisError)
@@ -54,11 +74,15 @@ def readyz(st: Store, cfg: Config) -> JSONResponse:
     missing = [f"worker for queue {q!r}" for q in (TRAIN_QUEUE, GENERATE_QUEUE) if q not in served]
     if missing:
         return errors.envelope(503, "not_ready", "missing: " + ", ".join(missing))
-    return JSONResponse({"status": "ready", "redis": "ok", "workers": sorted(replies)})
+    return JSONResponse({"status": "ready", "redis": "ok", "workers": sorted(replies),
+                         "auth": "open" if auth.key_table().open else "api_key"})
 
 
-app.include_router(job_router)
-app.include_router(dataset_router)
-app.include_router(openai_router)
-app.include_router(metrics_router)
+# Every data route needs a key once keys are configured (app/auth.py); /metrics an admin key.
+_keyed = [Depends(auth.principal)]
+app.include_router(job_router, dependencies=_keyed)
+app.include_router(generate_router, dependencies=_keyed)
+app.include_router(dataset_router, dependencies=_keyed)
+app.include_router(openai_router, dependencies=_keyed)
+app.include_router(metrics_router, dependencies=[Depends(auth.admin)])
 app.include_router(dashboard_router)

@@ -31,12 +31,14 @@ from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from app.auth import Caller
 from app.dataset_routes import FILE_FIELD, Datasets, dataset_rows, delete_dataset, get_dataset, upload_dataset
 from app.deps import Config, Store
 from app.errors import ApiError
 from app.formats import detect_format, row_stats
 from app.job_routes import cancel_job, create_job, generate, get_job
 from app.jobstore import EVENTS_MAXLEN, JobStore
+from app.keys import Principal
 from app.openai_schemas import (
     AUTO_EPOCHS,
     BASE_LEARNING_RATE,
@@ -54,7 +56,7 @@ from app.openai_schemas import (
     Model,
     ModelList,
 )
-from app.schemas import DEFAULT_TEMPLATE, DatasetId, GenerateRequest, JobCreate, JobId
+from app.schemas import DEFAULT_TEMPLATE, DatasetId, ErrorEnvelope, GenerateRequest, JobCreate, JobId
 from app.settings import Settings
 
 _PARAMS = {"base_model": "model", "adapter": "model", "dataset.id": "training_file",
@@ -72,7 +74,7 @@ def _openai_shape(resp: Response) -> JSONResponse:
     status = 400 if resp.status_code == 422 else resp.status_code
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     param = _PARAMS.get(err.get("field"), err.get("field"))
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "allow")}
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "allow", "www-authenticate")}
     return JSONResponse({"error": {"message": err["message"], "type": kind, "param": param, "code": err["code"]}},
                         status, headers=headers)
 
@@ -169,45 +171,54 @@ def _file(meta: dict[str, Any]) -> dict[str, Any]:
             "filename": meta["filename"]}
 
 
-@router.post("/files", response_model=FileObject)
-async def create_file(request: Request, cfg: Config, ds: Datasets) -> dict[str, Any]:
+_FILE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FILE_FIELD, "purpose"],
+    "properties": {FILE_FIELD: {"type": "string", "format": "binary", "description": "JSONL training data."},
+                   "purpose": {"type": "string", "enum": ["fine-tune"]}},
+}}}}}
+
+
+@router.post("/files", response_model=FileObject, openapi_extra=_FILE_BODY,
+             responses={s: {"model": ErrorEnvelope} for s in (400, 413, 415)})
+async def create_file(request: Request, cfg: Config, ds: Datasets, caller: Caller) -> dict[str, Any]:
     """Upload JSONL training data (multipart ``file``, ``purpose`` = ``fine-tune``): rows of chat
     ``messages`` or ``prompt``/``completion``. Stored as an ftaas dataset; the file id is its id."""
     tee = _PurposeTee(request)
-    meta = await upload_dataset(tee, Response(), cfg, ds)
+    meta = await upload_dataset(tee, Response(), cfg, ds, caller)
     columns = set(meta["columns"])
     problem = None if tee.purpose else "purpose is required ('fine-tune')"
     if problem is None and "messages" not in columns and not {"prompt", "completion"} <= columns:
         problem = f"rows need a 'messages' column or 'prompt' and 'completion' columns (found {sorted(columns)})"
     if problem:
-        delete_dataset(meta["id"], ds, cfg)
+        delete_dataset(meta["id"], ds, cfg, caller)
         raise ApiError(400, "invalid_file_format", problem, "purpose" if not tee.purpose else FILE_FIELD)
     return _file(meta)
 
 
 @router.get("/files", response_model=FileList)
-def list_files(ds: Datasets, limit: int = Query(20, ge=1, le=100), after: DatasetId | None = None) -> dict[str, Any]:
-    items, has_more = ds.page(limit, after)
+def list_files(ds: Datasets, caller: Caller, limit: int = Query(20, ge=1, le=100),
+               after: DatasetId | None = None) -> dict[str, Any]:
+    items, has_more = ds.page(limit, after, caller.scope)
     return {"data": [_file(m) for m in items], "has_more": has_more}
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-def retrieve_file(file_id: str, ds: Datasets) -> dict[str, Any]:
-    return _file(get_dataset(file_id, ds))
+def retrieve_file(file_id: str, ds: Datasets, caller: Caller) -> dict[str, Any]:
+    return _file(get_dataset(file_id, ds, caller))
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, ds: Datasets, cfg: Config) -> dict[str, Any]:
-    delete_dataset(file_id, ds, cfg)
+def delete_file(file_id: str, ds: Datasets, cfg: Config, caller: Caller) -> dict[str, Any]:
+    delete_dataset(file_id, ds, cfg, caller)
     return {"id": file_id, "deleted": True}
 
 
 # -- fine-tuning jobs -------------------------------------------------------------------------------
 
-def _job_create(body: FineTuningJobCreate, ds: Datasets, cfg: Settings) -> JobCreate:
+def _job_create(body: FineTuningJobCreate, ds: Datasets, cfg: Settings, caller: Principal) -> JobCreate:
     """The ftaas job an OpenAI job body asks for; ``max_steps`` from the training file's usable rows."""
     hp = body.hp
-    rows = dataset_rows(ds, cfg, body.training_file, "dataset.id")
+    rows = dataset_rows(ds, cfg, body.training_file, "dataset.id", caller=caller)
     fmt = detect_format("auto", False, set().union(*(r.keys() for r in rows)))
     usable = len(row_stats(fmt, DEFAULT_TEMPLATE, rows)[0])
     if hp.batch_size == "auto":
@@ -260,29 +271,30 @@ def _ft_job(st: JobStore, job: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("/fine_tuning/jobs", response_model=FineTuningJob)
-def create_fine_tuning_job(body: FineTuningJobCreate, st: Store, ds: Datasets, cfg: Config) -> dict[str, Any]:
+def create_fine_tuning_job(body: FineTuningJobCreate, st: Store, ds: Datasets, cfg: Config,
+                           caller: Caller) -> dict[str, Any]:
     """Create an ftaas job from the OpenAI body (checked and queued exactly as ``POST /jobs``)."""
-    return _ft_job(st, create_job(_job_create(body, ds, cfg), Response(), st, ds, cfg))
+    return _ft_job(st, create_job(_job_create(body, ds, cfg, caller), Response(), st, ds, cfg, caller))
 
 
 @router.get("/fine_tuning/jobs", response_model=FineTuningJobList)
 def list_fine_tuning_jobs(
-    st: Store, limit: int = Query(20, ge=1, le=100), after: JobId | None = None,
+    st: Store, caller: Caller, limit: int = Query(20, ge=1, le=100), after: JobId | None = None,
 ) -> dict[str, Any]:
     """Newest first; ``after`` is the last id of the previous page."""
-    jobs, has_more = st.page(limit, after)
+    jobs, has_more = st.page(limit, after, tenant=caller.scope)
     return {"data": [_ft_job(st, j) for j in jobs], "has_more": has_more}
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
-def retrieve_fine_tuning_job(job_id: str, st: Store) -> dict[str, Any]:
-    return _ft_job(st, get_job(job_id, st))
+def retrieve_fine_tuning_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
+    return _ft_job(st, get_job(job_id, st, caller))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_fine_tuning_job(job_id: str, st: Store) -> dict[str, Any]:
+def cancel_fine_tuning_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
     """Queued: ``cancelled`` at once. Running: still ``running`` until it stops at its next step."""
-    return _ft_job(st, cancel_job(job_id, st))
+    return _ft_job(st, cancel_job(job_id, st, caller))
 
 
 _MESSAGES: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -311,11 +323,11 @@ def _ft_event(ev: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=FineTuningJobEventList)
 def list_fine_tuning_events(
-    job_id: str, st: Store, limit: int = Query(20, ge=1, le=100),
+    job_id: str, st: Store, caller: Caller, limit: int = Query(20, ge=1, le=100),
     after: str | None = Query(None, pattern=_EVENT_ID, description="The last event id of the previous page."),
 ) -> dict[str, Any]:
     """The job's ftaas event stream as OpenAI events, newest first (the last EVENTS_MAXLEN events)."""
-    get_job(job_id, st)
+    get_job(job_id, st, caller)
     events = st.events(job_id, None, EVENTS_MAXLEN)[::-1]
     if after:
         stream_id = after.removeprefix("ftevent-")
@@ -329,13 +341,15 @@ def _older(a: str, b: str) -> bool:
 
 # -- models -----------------------------------------------------------------------------------------
 
-def _resolve(st: JobStore, cfg: Settings, model: str) -> tuple[str | None, str, dict[str, Any] | None]:
+def _resolve(st: JobStore, cfg: Settings, model: str,
+             caller: Principal) -> tuple[str | None, str, dict[str, Any] | None]:
     """(adapter, base model, job) for a model id: a known base model, a fine-tuned model id or a job id."""
     if model in cfg.known_models:
         return None, model, None
     job_id = model.rsplit(":", 1)[-1]
     job = st.get(job_id) if _JOB_ID.fullmatch(job_id) else None
-    if job is None or job["status"] != "succeeded" or model not in (job_id, fine_tuned_model(job)):
+    if job is None or not caller.owns(job.get("tenant")) or job["status"] != "succeeded" \
+            or model not in (job_id, fine_tuned_model(job)):
         raise ApiError(404, "model_not_found", f"The model {model!r} does not exist: name a base model "
                        f"({', '.join(cfg.known_models)}) or a succeeded job's fine_tuned_model", "model")
     return job_id, job["request"]["base_model"], job
@@ -347,12 +361,12 @@ def _model(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(st: Store, cfg: Config) -> dict[str, Any]:
+def list_models(st: Store, cfg: Config, caller: Caller) -> dict[str, Any]:
     """Base models ftaas knows, then every succeeded job's fine-tuned model, newest first."""
     data = [{"id": m, "created": 0, "owned_by": "ftaas"} for m in cfg.known_models]
     after, more = None, True
     while more:
-        jobs, more = st.page(100, after, "succeeded")
+        jobs, more = st.page(100, after, "succeeded", caller.scope)
         data += [_model(j) for j in jobs]
         after = jobs[-1]["id"] if jobs else None
         more = more and after is not None
@@ -360,8 +374,8 @@ def list_models(st: Store, cfg: Config) -> dict[str, Any]:
 
 
 @router.get("/models/{model:path}", response_model=Model)
-def retrieve_model(model: str, st: Store, cfg: Config) -> dict[str, Any]:
-    _, base, job = _resolve(st, cfg, model)
+def retrieve_model(model: str, st: Store, cfg: Config, caller: Caller) -> dict[str, Any]:
+    _, base, job = _resolve(st, cfg, model, caller)
     return _model(job) if job else {"id": base, "created": 0, "owned_by": "ftaas"}
 
 
@@ -379,10 +393,10 @@ def render_chat(messages: list[ChatMessageIn]) -> str:
     return "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns) + "<start_of_turn>model\n"
 
 
-def _generate(st: JobStore, cfg: Settings, body: CompletionCreate | ChatCompletionCreate, prompts: list[str],
-              max_tokens: int, param: str) -> dict[str, Any]:
+def _generate(st: JobStore, cfg: Settings, caller: Principal, body: CompletionCreate | ChatCompletionCreate,
+              prompts: list[str], max_tokens: int, param: str) -> dict[str, Any]:
     """Run the generate task exactly as ``POST /generate`` does. Temperature 0 is greedy decoding."""
-    adapter, base, _ = _resolve(st, cfg, body.model)
+    adapter, base, _ = _resolve(st, cfg, body.model, caller)
     temperature = 1.0 if body.temperature is None else body.temperature
     try:
         stop = body.stop_list
@@ -391,7 +405,7 @@ def _generate(st: JobStore, cfg: Settings, body: CompletionCreate | ChatCompleti
     req = _build(GenerateRequest, param, prompts=prompts, adapter=adapter, base_model=None if adapter else base,
                  max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                  top_p=body.top_p or 1.0, top_k=0, seed=body.seed, stop=stop)
-    return generate(req, st, cfg)
+    return generate(req, st, cfg, caller)
 
 
 def _usage(outputs: list[dict[str, Any]]) -> dict[str, int]:
@@ -410,12 +424,13 @@ def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
 
 
 @router.post("/completions")
-def create_completion(body: CompletionCreate, st: Store, cfg: Config) -> Any:
+def create_completion(body: CompletionCreate, st: Store, cfg: Config, caller: Caller) -> Any:
     """A text completion per prompt. ``stream``: the worker does not stream tokens yet, so the chunks
     (one per prompt, then ``[DONE]``) are sent once the text is generated. ``prompt_tokens`` is 0:
     prompts are tokenized on the worker and not counted."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    out = _generate(st, cfg, body, prompts, body.max_tokens or 16, "prompt")["outputs"]
+    max_tokens = body.max_tokens or min(16, cfg.max_new_tokens)
+    out = _generate(st, cfg, caller, body, prompts, max_tokens, "prompt")["outputs"]
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     choices = [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
@@ -429,12 +444,12 @@ def create_completion(body: CompletionCreate, st: Store, cfg: Config) -> Any:
 
 
 @router.post("/chat/completions")
-def create_chat_completion(body: ChatCompletionCreate, st: Store, cfg: Config) -> Any:
+def create_chat_completion(body: ChatCompletionCreate, st: Store, cfg: Config, caller: Caller) -> Any:
     """The assistant's reply to the messages rendered in Gemma's chat format (``render_chat``).
     ``stream``: the worker does not stream tokens yet, so the chunks (role, the whole text, the
     finish reason, then ``[DONE]``) are sent once the text is generated."""
-    max_tokens = body.max_completion_tokens or body.max_tokens or 256
-    out = _generate(st, cfg, body, [render_chat(body.messages)], max_tokens, "messages")["outputs"][0]
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(256, cfg.max_new_tokens)
+    out = _generate(st, cfg, caller, body, [render_chat(body.messages)], max_tokens, "messages")["outputs"][0]
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         message = {"role": "assistant", "content": out["text"], "refusal": None}

@@ -19,6 +19,8 @@ MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1_024
 
 ShortStr = Annotated[str, StringConstraints(max_length=200)]
+#: A user's label: printable, no control characters (it is shown in tables and logs, never used as a path).
+Label = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Text = Annotated[str, StringConstraints(max_length=20_000)]
 
 
@@ -93,14 +95,20 @@ class LoraSpec(Strict):
 
 
 class Hyperparameters(Strict):
+    # Defaults: the notebook's recipe (100 steps x 1 x 4 = 400 examples, lr 2e-4). Larger effective batches run
+    # far faster on a GPU (README "Training speed"), but the learning rate that keeps quality at that batch is not
+    # measured yet (bench/quality_parity.py), so the defaults stay the notebook's.
     max_steps: int = Field(100, ge=1, le=10_000, description="Optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
     warmup_steps: int = Field(2, ge=0, le=10_000, description="Linear warm-up steps.")
-    batch_size: int = Field(1, ge=1, le=256, description="Examples per device per micro-batch.")
+    batch_size: int = Field(
+        1, ge=1, le=256, description="Examples per micro-batch; one step trains batch_size x "
+        "gradient_accumulation_steps examples (the fast path regroups them by a token budget, same examples).")
     gradient_accumulation_steps: int = Field(4, ge=1, le=256, description="Micro-batches per optimizer step.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen and recorded when absent.")
     max_length: int = Field(1024, ge=16, le=8192, description="Tokens per example; longer ones are truncated.")
-    gradient_checkpointing: bool = Field(True, description="Trade compute for memory (the notebook's default).")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory (the notebook's default was true; the token budget plans for it).")
     eval_interval: int | None = Field(
         None, ge=1, le=10_000, description="Steps between eval-loss measurements; default: max_steps / 5."
     )
@@ -122,6 +130,10 @@ class ValidationSpec(Strict):
 
 
 class JobCreate(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"dataset": {"rows": [{"quote": "Be yourself.", "author": "Oscar Wilde"}]},
+         "hyperparameters": {"max_steps": 1}},
+    ]})
     base_model: HubId | None = Field(None, description="A built-in name or an allowed hub id; default from settings.")
     dataset: DatasetSpec
     template: str = Field(
@@ -139,7 +151,7 @@ class JobCreate(Strict):
         description="Prompts generated from before and after training; default: a few rows' first words.",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    name: ShortStr | None = Field(None, description="A label for the job.")
+    name: Label | None = Field(None, description="A label for the job (no control characters).")
     metadata: dict[Key, MetaValue] = Field(
         default_factory=dict, max_length=16, description="Up to 16 string pairs, stored with the job."
     )
@@ -244,8 +256,11 @@ class Job(BaseModel):
     error: JobError | None = None
     adapter: str | None = Field(None, description="Adapter id for /generate, once succeeded.")
     cancel_requested: bool = False
+    attempts: int = Field(0, ge=0, description="How many times a worker has started the job: above 1 after it "
+                          "was requeued because its worker was lost (a SIGTERM'd worker's resume is the same attempt).")
     dataset_stats: DatasetStats | None = None
     evaluation: Evaluation | None = None
+    tenant: str | None = Field(None, description="The tenant whose API key created the job.")
 
 
 class JobList(BaseModel):
@@ -255,6 +270,10 @@ class JobList(BaseModel):
 
 
 class GenerateRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "Quote: Imagination is more", "max_new_tokens": 4},
+        {"prompts": ["Quote: Be", "Quote: Stay"], "max_new_tokens": 2, "do_sample": True, "seed": 1},
+    ]})
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
     prompts: (
         list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None
@@ -270,6 +289,8 @@ class GenerateRequest(Strict):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
         default_factory=list, max_length=8, description="Generation ends at the first of these strings."
     )
+    stream: bool = Field(False, description="Answer with server-sent events: `token` events as text is generated "
+                         "(prompt index and new text), then one `done` event with the whole response.")
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> GenerateRequest:
@@ -292,7 +313,21 @@ class GenerateResponse(BaseModel):
     outputs: list[GenerateOutput]
     adapter: str | None
     base_model: str
-    timing: dict[str, float] = Field(description="Milliseconds: queue, load, generate, total.")
+    timing: dict[str, float] = Field(
+        description="Milliseconds: queue (Celery), load (base model and adapter), ttft (time to first token on "
+                    "the worker), generate (first admission to last token), total (as the API saw it).")
+
+
+class LoadedBase(BaseModel):
+    worker: str = Field(description="The generate worker (host and process).")
+    base_model: str
+    quantization: str
+    adapters: list[str] = Field(description="Adapters loaded beside it, least recently used first.")
+    adapter_slots: int = Field(description="How many adapters it keeps loaded at most.")
+
+
+class AdapterList(BaseModel):
+    data: list[LoadedBase]
 
 
 class ErrorBody(BaseModel):
@@ -321,6 +356,7 @@ class Dataset(BaseModel):
     bytes: int = Field(description="Size of the uploaded file.")
     created_at: float
     preview: list[dict[str, Any]] = Field(description="The first rows, long strings shortened.")
+    tenant: str | None = Field(None, description="The tenant whose API key uploaded it.")
 
 
 class DatasetList(BaseModel):

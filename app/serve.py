@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from app.keys import load_table, open_bind_refusal
 from app.settings import BUILTIN_MODELS, get_settings
 from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
 
@@ -55,6 +56,14 @@ def start_redis(url: str) -> subprocess.Popen[bytes]:
 
 def main() -> int:
     settings = get_settings()
+    try:  # before starting anything: a bad keys file, or no keys on a public address, stops here
+        refusal = open_bind_refusal(load_table(settings.api_keys, settings.api_keys_file), settings.host,
+                                    settings.allow_open)
+    except ValueError as e:
+        refusal = f"ftaas: {e}"
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        return 2
     procs: list[subprocess.Popen[bytes]] = []
     if not redis_answers(settings.redis_url):
         print(f"ftaas: starting redis-server for {settings.redis_url}", flush=True)

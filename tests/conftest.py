@@ -183,3 +183,13 @@ def assert_error(resp: httpx.Response, status: int, code: str | None = None,
     assert "Traceback" not in resp.text
     return body["error"]
 
+
+
+@pytest.fixture(scope="session")
+def keyed(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A second service with API keys on (tests/keyed.py): its own prefix, train and generate workers,
+    small limits and a canary HF_TOKEN. Started only by the tests that use it."""
+    from tests.keyed import main_keyed_service
+
+    with main_keyed_service(service_env, tmp_path_factory.mktemp("keyed")) as svc:
+        yield svc

@@ -1,27 +1,28 @@
-"""Adapter inference: base models loaded once per process, LoRA adapters in a bounded LRU.
+"""Adapter inference: one continuous-batching engine per base model (worker.batcher), bases in an LRU.
 
-Plain Python (no Celery). One engine serves the base model and any number of adapters trained on
-it: peft loads each adapter beside the others on one PeftModel and switches with ``set_adapter``;
-base-model requests run with the adapters disabled.
+Plain Python (no Celery). ``Engine.generate`` may be called from many threads at once (the generate
+worker runs a thread pool): every call is queued to its base model's engine thread, which decodes all
+running requests together, each with its own adapter (worker.multi_lora), sampling settings and stop
+strings. ``generate_texts`` (HF ``generate``, one batch at a time) stays for the trainer's samples.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from torch import nn
+from transformers import PreTrainedTokenizerBase, set_seed
 
 from app.settings import Settings
-from worker.errors import UserFacingError
-from worker.models import load_model, load_tokenizer
+from worker.batcher import BatchEngine, Params, Piece
+from worker.models import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger("ftaas.inference")
 
@@ -39,84 +40,118 @@ def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
-@dataclass
-class _Base:
-    model: PreTrainedModel | PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)  # LRU, oldest first
+def dequantize_nf4(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes Linear4bit by a plain Linear holding its dequantized weight (once).
+
+    The values are exactly those the NF4 layer computes with (and the adapter was trained against);
+    only the per-step dequantization goes. Returns how many layers were replaced."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                state = child.weight.quant_state  # type: ignore[attr-defined]
+                weight = bnb.functional.dequantize_4bit(child.weight.data, state).to(dtype)
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=weight.device, dtype=dtype)
+                linear.weight.data = weight
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.to(dtype)
+                setattr(module, name, linear)
+                n += 1
+    return n
+
+
+def _slot_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> int:
+    """Memory of one adapter slot: rank x (in + out) of every targeted projection."""
+    from worker.multi_lora import TARGETS
+
+    total = sum(int(getattr(m, "in_features")) + int(getattr(m, "out_features"))  # noqa: B009
+                for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in TARGETS)
+    return total * rank * torch.empty((), dtype=dtype).element_size()
 
 
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._bases: OrderedDict[tuple[str, str], _Base] = OrderedDict()
+        self._bases: OrderedDict[tuple[str, str], BatchEngine] = OrderedDict()
+        self._lock = threading.Lock()
 
-    # -- caches ---------------------------------------------------------------------------------
-    def _base(self, name: str, quantization: str) -> _Base:
+    def _base(self, name: str, quantization: str) -> BatchEngine:
         key = (name, quantization)
-        if key in self._bases:
-            self._bases.move_to_end(key)
+        with self._lock:
+            if key in self._bases:
+                self._bases.move_to_end(key)
+                return self._bases[key]
+            while len(self._bases) >= self.settings.base_cache_size:
+                idle = [k for k, b in self._bases.items() if not b.busy()]
+                if not idle:
+                    break
+                log.info("evicting base model %s", idle[0])
+                self._bases.pop(idle[0]).close()
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self._bases[key] = self._build(name, quantization)
             return self._bases[key]
-        while len(self._bases) >= self.settings.base_cache_size:
-            old, _ = self._bases.popitem(last=False)
-            log.info("evicting base model %s", old)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        tokenizer = load_tokenizer(name, self.settings)
-        model = load_model(name, quantization, self.settings)
+
+    def _build(self, name: str, quantization: str) -> BatchEngine:
+        s = self.settings
+        device = pick_device(s)
+        tokenizer = load_tokenizer(name, s)
+        model = load_model(name, quantization, s)
         model.eval()
         _no_cpu_4bit_packing(model)
-        self._bases[key] = _Base(model, tokenizer)
-        return self._bases[key]
-
-    def _activate(self, base: _Base, adapter: str) -> bool:
-        """Make ``adapter`` the active one; True when it had to be loaded, False when it was cached."""
-        loaded = adapter not in base.adapters
-        if not loaded:
-            base.adapters.move_to_end(adapter)
-        else:
-            path = self.settings.adapter_dir / adapter
-            if not (path / "adapter_config.json").is_file():
-                raise UserFacingError("adapter_not_found", f"adapter {adapter} has no files on this worker")
-            if isinstance(base.model, PeftModel):
-                base.model.load_adapter(str(path), adapter_name=adapter)
-            else:
-                base.model = PeftModel.from_pretrained(base.model, str(path), adapter_name=adapter)
-            base.model.eval()
-            base.adapters[adapter] = None
-            while len(base.adapters) > self.settings.adapter_cache_size:
-                old, _ = base.adapters.popitem(last=False)
-                base.model.set_adapter(adapter)
-                base.model.delete_adapter(old)
-        assert isinstance(base.model, PeftModel)
-        base.model.set_adapter(adapter)
-        return loaded
+        weights = s.serve_weights if s.serve_weights != "auto" else ("bf16" if device == "cuda" else "nf4")
+        if weights == "bf16" and quantization == "nf4":
+            log.info("dequantized %d NF4 layers of %s for serving", dequantize_nf4(model, model.dtype), name)
+        dtype: torch.dtype = model.get_input_embeddings().weight.dtype  # type: ignore[assignment]
+        per_slot = _slot_bytes(model, s.serve_lora_max_rank, dtype)
+        slots = max(1, min(s.adapter_cache_size, int(s.adapter_cache_mb * 2**20) // max(per_slot, 1)))
+        rows = s.serve_max_batch if device == "cuda" else min(s.serve_max_batch, 8)
+        log.info("serving %s: %d rows, %d adapter slots of rank %d (%.1f MB each), graphs %s", name, rows, slots,
+                 s.serve_lora_max_rank, per_slot / 2**20, s.serve_cuda_graphs and device == "cuda")
+        return BatchEngine(model, tokenizer, max_rows=rows, max_len=s.serve_max_len, slots=slots,
+                           rank=s.serve_lora_max_rank, adapter_dir=s.adapter_dir, cuda_graphs=s.serve_cuda_graphs)
 
     def loaded(self) -> dict[str, list[str]]:
-        return {f"{n}:{q}": list(b.adapters) for (n, q), b in self._bases.items()}
+        """Adapters on each loaded base model, least recently used first."""
+        return {f"{n}:{q}": b.loaded_adapters() for (n, q), b in list(self._bases.items())}
 
-    # -- generation -----------------------------------------------------------------------------
-    def generate(self, req: dict[str, Any]) -> dict[str, Any]:
+    def serving(self) -> dict[str, Any]:
+        """What ``GET /adapters`` shows for this worker."""
+        return {"bases": [{"base_model": n, "quantization": q, "adapters": b.loaded_adapters(),
+                           "adapter_slots": len(b.slot_users)} for (n, q), b in list(self._bases.items())]}
+
+    def submit(self, req: dict[str, Any], on_piece: Piece | None = None) -> Future[dict[str, Any]]:
         """``req``: prompts, base_model, quantization, adapter (or None) and the sampling fields.
 
-        With an adapter, ``adapter_cache`` in the result says whether it was a ``hit`` or a ``load``.
+        The result: outputs, adapter, base_model, timing and ``adapter_cache`` (``hit``, ``load`` or None).
+        ``on_piece(prompt index, text)`` is called from the engine thread with each new piece of text.
         """
         t0 = time.monotonic()
-        base = self._base(req["base_model"], req["quantization"])
-        cache = None
-        if req.get("adapter"):
-            cache = "load" if self._activate(base, req["adapter"]) else "hit"
-        load_ms = (time.monotonic() - t0) * 1000
+        engine = self._base(req["base_model"], req["quantization"])
+        base_ms = (time.monotonic() - t0) * 1000
+        params = Params(**{k: req[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+                                                "seed", "stop")})
+        outer: Future[dict[str, Any]] = Future()
 
-        t1 = time.monotonic()
-        params = {k: req[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")}
-        base_only = isinstance(base.model, PeftModel) and not req.get("adapter")
-        with base.model.disable_adapter() if base_only else nullcontext():  # type: ignore[union-attr,operator]
-            outputs = generate_texts(base.model, base.tokenizer, req["prompts"], **params)
-        gen_ms = (time.monotonic() - t1) * 1000
-        return {"outputs": outputs, "adapter": req.get("adapter"), "base_model": req["base_model"],
-                "timing": {"load_ms": round(load_ms, 1), "generate_ms": round(gen_ms, 1)}, "adapter_cache": cache}
+        def done(inner: Future[dict[str, Any]]) -> None:
+            if inner.exception() is not None:
+                outer.set_exception(inner.exception())  # type: ignore[arg-type]
+                return
+            result = inner.result()
+            result["timing"]["load_ms"] = round(result["timing"]["load_ms"] + base_ms, 1)
+            outer.set_result({"outputs": result["outputs"], "adapter": req.get("adapter"),
+                              "base_model": req["base_model"], "timing": result["timing"],
+                              "adapter_cache": result["adapter_cache"]})
+
+        engine.submit(req["prompts"], params, req.get("adapter"), on_piece).add_done_callback(done)
+        return outer
+
+    def generate(self, req: dict[str, Any], on_piece: Piece | None = None) -> dict[str, Any]:
+        return self.submit(req, on_piece).result()
 
 
 def generate_texts(model: Any, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,

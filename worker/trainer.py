@@ -12,6 +12,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,8 +30,11 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.settings import Settings
+from worker import checkpoints
+from worker.checkpoints import CheckpointCallback
 from worker.data import PreparedData, prepare
 from worker.errors import UserFacingError
+from worker.fast_train import FastSFTTrainer, auto_token_budget, dequantize_nf4
 from worker.inference import generate_texts
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 
@@ -55,6 +59,7 @@ class TrainOutcome:
     losses: list[float]
     seconds: dict[str, float]
     evaluation: dict[str, Any] = field(default_factory=dict)
+    preempted: bool = False  # stopped by the worker's shutdown after a checkpoint: the job resumes later
 
 
 class _ProgressCallback(TrainerCallback):
@@ -95,14 +100,16 @@ class _ProgressCallback(TrainerCallback):
         self.reporter.progress(step, total, eta, metrics, point)
 
 
-def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData) -> SFTConfig:
+def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData, fast: bool = False) -> SFTConfig:
     half = compute_dtype(device)
     evaluating = data.validation is not None
+    # The fast path (worker/fast_train.py) takes each step's whole effective batch as one Trainer batch.
+    per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
     return SFTConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=hp["batch_size"],
-        per_device_eval_batch_size=max(hp["batch_size"], 8),
-        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
+        per_device_train_batch_size=per_step if fast else hp["batch_size"],
+        per_device_eval_batch_size=64 if fast else max(hp["batch_size"], 8),
+        gradient_accumulation_steps=1 if fast else hp["gradient_accumulation_steps"],
         warmup_steps=hp["warmup_steps"],
         max_steps=hp["max_steps"],
         learning_rate=hp["learning_rate"],
@@ -112,8 +119,8 @@ def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData
         data_seed=hp["seed"],
         bf16=device == "cuda" and half is torch.bfloat16,
         fp16=device == "cuda" and half is torch.float16,
-        # The notebook's paged 8-bit AdamW needs CUDA; plain AdamW on the CPU.
-        optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+        # The notebook's paged 8-bit AdamW needs CUDA; plain AdamW on the CPU; the fast path: fused AdamW.
+        optim=("adamw_torch_fused" if fast else "paged_adamw_8bit") if device == "cuda" else "adamw_torch",
         use_cpu=device == "cpu",
         logging_steps=1,
         eval_strategy="steps" if evaluating else "no",
@@ -164,6 +171,9 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
         reporter.event("dataset_stats", data.stats, {"dataset_stats": data.stats})
         t = time.monotonic()
         model = load_model(payload["base_model"], hp["quantization"], settings)
+        fast = settings.train_fast_path
+        if fast and device == "cuda" and settings.train_dequantize and hp["quantization"] == "nf4":
+            model = dequantize_nf4(model, compute_dtype(device))
     except UserFacingError:
         raise
     except OSError as e:  # hub or disk: not found, gated, no network
@@ -176,9 +186,13 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
     )
     callback = _ProgressCallback(reporter)
-    trainer = SFTTrainer(
-        model=model, args=_config(hp, device, output_dir, data), train_dataset=data.train,
+    extra: dict[str, Any] = {"token_budget": auto_token_budget(
+        model, device, hp["gradient_checkpointing"], settings.train_memory_gib, settings.train_token_budget)} \
+        if fast else {}
+    trainer = (FastSFTTrainer if fast else SFTTrainer)(
+        model=model, args=_config(hp, device, output_dir, data, fast), train_dataset=data.train,
         eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+        **extra,
     )
     return trainer, data, callback, seconds
 
@@ -192,11 +206,22 @@ def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: l
     return [o["text"] for o in outs]
 
 
-def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: Settings) -> TrainOutcome:
-    """Train a LoRA adapter for the accepted request ``payload``; save it to ``out_dir`` unless cancelled."""
+def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: Settings,
+          checkpoint_dir: Path | None = None, preempt: Callable[[], bool] | None = None) -> TrainOutcome:
+    """Train a LoRA adapter for the accepted request ``payload``; save it to ``out_dir`` unless cancelled.
+
+    With ``checkpoint_dir``: checkpoints there (worker/checkpoints.py), resuming from the latest one;
+    once ``preempt()`` holds, saves one and returns a ``preempted`` outcome.
+    """
     seed = payload["hyperparameters"]["seed"]
     with tempfile.TemporaryDirectory(prefix="ftaas-train-") as scratch:
-        trainer, data, callback, seconds = build_trainer(payload, reporter, settings, scratch)
+        trainer, data, callback, seconds = build_trainer(payload, reporter, settings, str(checkpoint_dir or scratch))
+        saver = CheckpointCallback(settings.checkpoint_interval if checkpoint_dir else 0, preempt,
+                                   lambda: callback.cancelled)
+        trainer.add_callback(saver)
+        resume = checkpoints.latest(checkpoint_dir)
+        if resume is not None:
+            reporter.event("resumed", {"step": checkpoints.step_of(resume)})
         tokenizer = trainer.processing_class
         prompts = _prompt_texts(data, tokenizer)  # type: ignore[arg-type]
         t = time.monotonic()
@@ -207,11 +232,13 @@ def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: 
         seconds["eval"] = time.monotonic() - t
 
         t = time.monotonic()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds["train"] = time.monotonic() - t
         steps = trainer.state.global_step
         if callback.cancelled:
             return TrainOutcome(True, steps, callback.losses, seconds)
+        if saver.preempted:
+            return TrainOutcome(False, steps, callback.losses, seconds, preempted=True)
         if not all(math.isfinite(x) for x in callback.losses):
             raise UserFacingError("diverged", "training loss became NaN or infinite; try a lower learning_rate")
 

@@ -30,6 +30,23 @@ app = typer.Typer(name="ftaas", help="Fine-tune as a service: train LoRA adapter
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+keys_app = typer.Typer(help="Make API keys for the server's keys file.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+#: Options given before the command (``ftaas --api-key K jobs``).
+_OPTIONS: dict[str, str | None] = {}
+
+
+@app.callback()
+def _global_options(
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="FTAAS_API_KEY", show_default=False,
+        help="API key sent as 'Authorization: Bearer' (or set FTAAS_API_KEY).")] = None,
+) -> None:
+    _OPTIONS["api_key"] = api_key or None
+
+
+def _client() -> Client:
+    return Client(api_key=_OPTIONS.get("api_key") or "")
 
 
 def handled(fn: Callable[P, R]) -> Callable[P, R]:
@@ -94,7 +111,7 @@ def train(
     if steps is not None:
         hp["max_steps"] = steps
     out = console()
-    with Client() as client:
+    with _client() as client:
         body: dict[str, Any] = {"dataset": _dataset_ref(client, data), "hyperparameters": hp}
         optional = {"base_model": base_model, "template": template, "format": fmt, "name": name,
                     "sample_prompts": sample_prompt or None}
@@ -142,7 +159,7 @@ def list_jobs(
     """List jobs, newest first."""
     params: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {}) | (
         {"after": after} if after else {})
-    with Client() as client:
+    with _client() as client:
         page = client.get("/jobs", params=params)
     out = console()
     if as_json:
@@ -161,7 +178,7 @@ def show_job(
 ) -> None:
     """Show one job: status, progress, metrics, dataset stats, evaluation and samples; or --follow it."""
     out = console()
-    with Client() as client:
+    with _client() as client:
         job = client.get(f"/jobs/{job_id}")
         if follow_job:
             _finish(out, follow(client, out, job))
@@ -179,7 +196,7 @@ def show_job(
 @handled
 def cancel(job_id: Annotated[str, typer.Argument(metavar="ID", help="A job id (job_…).")]) -> None:
     """Cancel a job: a queued one at once, a running one at its next step."""
-    with Client() as client:
+    with _client() as client:
         job = client.post(f"/jobs/{job_id}/cancel")
     if job["status"] == "cancelled":
         console().print(f"{job_id} cancelled")
@@ -198,7 +215,7 @@ def generate(
     """Continue PROMPT with the base model or an adapter; prints the text as it streams, when the server streams."""
     body: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
     body |= {k: v for k, v in {"adapter": adapter, "base_model": base_model}.items() if v}
-    with Client() as client:
+    with _client() as client:
         for piece in client.stream_post("/generate", body):
             typer.echo(piece, nl=False)
     typer.echo()
@@ -208,7 +225,7 @@ def generate(
 @handled
 def upload(file: Annotated[Path, typer.Argument(help="A .jsonl, .json, .csv or .parquet file.")]) -> None:
     """Upload a dataset file; prints its id, rows and columns."""
-    with Client() as client:
+    with _client() as client:
         ds = client.upload(file)
     out = console()
     out.print(f"{ds['id']}  {ds['filename']}: {ds['row_count']} rows ({ds['format']}), "
@@ -224,9 +241,25 @@ def list_datasets(
     after: Annotated[str | None, typer.Option(help="A dataset id: list the ones older than it.")] = None,
 ) -> None:
     """List uploaded datasets, newest first."""
-    with Client() as client:
+    with _client() as client:
         page = client.get("/datasets", params={"limit": limit} | ({"after": after} if after else {}))
     _print_page(page, datasets_table, "datasets", "ftaas datasets list")
+
+
+@keys_app.command("new")
+def new_key(
+    tenant: Annotated[str, typer.Option(help="The tenant the key belongs to (a-z, 0-9, _ . -).")],
+    admin: Annotated[bool, typer.Option("--admin", help="An admin key: sees every tenant's jobs.")] = False,
+) -> None:
+    """Print a new API key once, and the line to add to the server's FTAAS_API_KEYS_FILE (its hash)."""
+    from app.keys import TENANT_PATTERN, entry_line, new_key  # stdlib + pydantic only
+
+    if not re.fullmatch(TENANT_PATTERN, tenant):
+        typer.echo(f"error: invalid_argument: tenant must match {TENANT_PATTERN}", err=True)
+        raise typer.Exit(1)
+    key = new_key()
+    typer.echo(f"key (shown once; give it to the tenant): {key}")
+    typer.echo(f"line for FTAAS_API_KEYS_FILE: {entry_line(key, tenant, admin)}")
 
 
 @app.command()

@@ -38,9 +38,62 @@
     }
   }
 
+  // -- API key (when the server has keys on): pasted once, kept in this browser's localStorage ----------
+  const KEY_STORE = "ftaas.apiKey";
+  function apiKey() {
+    try { return localStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+  }
+  function askForKey() {
+    const key = window.prompt("API key for this server (kept in this browser's localStorage; empty to forget it)",
+      apiKey());
+    if (key === null) return;
+    try {
+      if (key.trim()) localStorage.setItem(KEY_STORE, key.trim()); else localStorage.removeItem(KEY_STORE);
+    } catch (_) { /* storage refused: the key lasts until the page is left */ }
+    window.location.reload();
+  }
+  function authHeaders() {
+    const key = apiKey();
+    return key ? { authorization: "Bearer " + key } : {};
+  }
+
+  /** A live SSE stream read with fetch, so the key can go in a header (EventSource cannot send one).
+   *  Calls onEvent({type, data, lastEventId}) per frame; returns {close()}. */
+  function keyedEventStream(path, onEvent, onEnd) {
+    const ctrl = new AbortController();
+    (async () => {
+      try {
+        const resp = await fetch(path, { headers: { accept: "text/event-stream", ...authHeaders() }, signal: ctrl.signal });
+        if (!resp.ok || !resp.body) return;
+        const reader = resp.body.getReader(), dec = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true });
+          let cut;
+          while ((cut = buf.indexOf("\n\n")) >= 0) {
+            const frame = { type: "message", data: "", lastEventId: "" };
+            buf.slice(0, cut).split("\n").forEach((line) => {
+              if (line.startsWith(":")) return;
+              const i = line.indexOf(":"), k = i < 0 ? line : line.slice(0, i), v = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+              if (k === "data") frame.data += (frame.data ? "\n" : "") + v;
+              else if (k === "event") frame.type = v;
+              else if (k === "id") frame.lastEventId = v;
+            });
+            buf = buf.slice(cut + 2);
+            if (frame.data) onEvent(frame);
+          }
+        }
+      } catch (_) { /* aborted or dropped: the page's poll keeps it current */ }
+      if (onEnd) onEnd();
+    })();
+    return { close: () => ctrl.abort() };
+  }
+
   /** Call the API; a non-2xx answer throws ApiError from the {"error": {code, message, field}} envelope. */
   async function api(method, path, body) {
-    const init = { method, headers: { accept: "application/json" } };
+    const init = { method, headers: { accept: "application/json", ...authHeaders() } };
     if (body instanceof FormData) init.body = body;
     else if (body !== undefined) {
       init.headers["content-type"] = "application/json";
@@ -57,6 +110,9 @@
     try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
     if (!resp.ok) {
       const err = data && data.error;
+      if (resp.status === 401 && err) {
+        throw new ApiError(401, err.code, err.message + " (this server needs an API key: use the 'API key' button at the top)", err.field);
+      }
       if (err && err.message) throw new ApiError(resp.status, err.code, err.message, err.field);
       throw new ApiError(resp.status, "http_" + resp.status, (text || resp.statusText).slice(0, 300));
     }
@@ -289,9 +345,13 @@
         }
         return;
       }
-      es = new EventSource(`/jobs/${jobId}/events`);
-      EVENT_TYPES.forEach((t) => es.addEventListener(t, onEvent));
-      es.onerror = () => { if (job && TERMINAL.has(job.status) && es) { es.close(); es = null; } };
+      if (apiKey()) {  // EventSource cannot send the key: read the stream with fetch
+        es = keyedEventStream(`/jobs/${jobId}/events`, (f) => { if (EVENT_TYPES.includes(f.type)) onEvent(f); });
+      } else {
+        es = new EventSource(`/jobs/${jobId}/events`);
+        EVENT_TYPES.forEach((t) => es.addEventListener(t, onEvent));
+        es.onerror = () => { if (job && TERMINAL.has(job.status) && es) { es.close(); es = null; } };
+      }
       // a fallback in case a proxy buffers the stream
       pollTimer = setInterval(() => loadJob(true), 5000);
     })();
@@ -534,5 +594,10 @@
     document.title = "ftaas · " + (nav || "not found");
   }
   window.addEventListener("hashchange", route);
+  const keyButton = document.getElementById("api-key");
+  if (keyButton) {
+    keyButton.textContent = apiKey() ? "API key ✓" : "API key";
+    keyButton.addEventListener("click", askForKey);
+  }
   route();
 })();

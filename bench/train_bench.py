@@ -1,0 +1,347 @@
+"""Training speed on one GPU, one process: the notebook's recipe beside the service's trainer, same data and model.
+
+Model: the google/gemma-2b architecture with random weights (vocab 262,144, the Gemma 3 tokenizer; built and saved
+as safetensors by ``gpu_smoke.build_model``), NF4 base, LoRA r=8 on the seven projections; data: the 651 quotes.
+Every variant goes through ``worker.trainer.build_trainer`` (the hub id is pointed at the local folder only):
+
+* ``notebook``        the notebook's recipe: batch 1 x accumulation 4, gradient checkpointing, paged 8-bit AdamW,
+                      the old path (``train_fast_path=False``); fewer steps than its 100, for time.
+* ``service-default`` the fast path with the job defaults (``app.schemas.Hyperparameters``), the default job's examples.
+* ``steady``          the fast path at a large effective batch over several epochs: the throughput it sustains.
+* ``steady-nf4``      ``steady`` without dequantising the NF4 base (bnb dequantises on every matmul).
+* ``steady-ckpt``     ``steady`` with gradient checkpointing.
+* ``steady-b2k``      ``steady`` with a 2,048-token budget instead of the one picked from free memory.
+* ``steady-eager``    ``steady`` with eager attention instead of SDPA; ``steady-tf32``: TF32 matmuls allowed.
+* ``profile``         5 steps of ``steady`` with torch.profiler over steps 4-5 (top ops printed, ``profile.txt``).
+* ``job``             a whole default job through ``worker.trainer.train`` (10 % validation, evals and samples
+                      before/after, adapter saved): data, load, eval, train and save seconds apart.
+
+MFU = tokens/s x 4 x params / 790e12 (bf16 dense rate of this H200 kind; recompute not counted), tokens = non-padding
+input tokens (trl's ``num_tokens``). "steady tok/s" leaves out the first 2 steps (warm-up). Table last.
+The first fast variant in a process also pays the warm-up of new shapes (RESULTS.md run T2): compare later rows.
+
+Usage:
+  python bench/train_bench.py --tiny          # CPU, tiny Gemma, a few steps: checks the script
+  python bench/train_bench.py --out $OUT      # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from gpu_smoke import HUB_ID, RecordingReporter, build_model, patch_hub  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import worker.trainer  # noqa: E402
+from app.schemas import JobCreate  # noqa: E402
+from app.settings import Settings  # noqa: E402
+
+PEAK_FLOPS = 790e12
+
+
+def log(*x: Any) -> None:
+    print(*x, flush=True)
+
+
+class StepClock(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.monotonic())
+
+
+class Profile(TrainerCallback):
+    """torch.profiler over optimizer steps ``first``..``last`` (1-based); prints the top ops by GPU time."""
+
+    def __init__(self, out: str, first: int = 4, last: int = 5) -> None:
+        self.out, self.first, self.last = out, first, last
+        self.prof: Any = None
+        self.t0 = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == self.first:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.start()
+            self.t0 = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.prof is None or state.global_step != self.last:
+            return
+        torch.cuda.synchronize()
+        wall = time.monotonic() - self.t0
+        self.prof.stop()
+        avg = self.prof.key_averages()
+        key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
+        busy = sum(getattr(e, key) for e in avg) / 1e6
+        table = avg.table(sort_by=key, row_limit=14, max_name_column_width=60)
+        cpu = avg.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60)
+        log(f"PROFILE steps {self.first}-{self.last}: wall {wall:.3f} s, GPU busy {busy:.3f} s "
+            f"({100 * busy / wall:.0f} %)")
+        log(table)
+        if self.out:
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            (Path(self.out) / "profile.txt").write_text(table + "\n" + cpu + "\n" + avg.table(
+                sort_by=key, row_limit=60, max_name_column_width=90))
+        self.prof = None
+
+
+def payload_for(rows: list[dict[str, Any]], hp: dict[str, Any], validation: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"base_model": HUB_ID, "dataset": {"rows": rows}, "hyperparameters": {"seed": 42} | hp}
+    if validation is not None:
+        body["validation"] = {"fraction": validation}
+    job = JobCreate.model_validate(body)
+    payload = job.model_dump()
+    payload["template_given"] = False
+    return payload
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], settings: Settings,
+                work: Path, nparams: int, tweak: Any = None, profile: str | None = None) -> dict[str, Any]:
+    """build_trainer + trainer.train() with no validation split; tokens/s from trl's own token count."""
+    free_gpu()
+    t = time.monotonic()
+    payload = payload_for(rows, hp, 0.0)
+    hp = payload["hyperparameters"]
+    trainer, data, callback, seconds = worker.trainer.build_trainer(
+        payload, RecordingReporter(), settings, str(work / name))
+    clock = StepClock()
+    trainer.add_callback(clock)
+    if profile is not None and torch.cuda.is_available():
+        trainer.add_callback(Profile(profile))
+    if tweak is not None:
+        tweak(trainer)
+    setup_s = time.monotonic() - t
+    t0 = time.monotonic()
+    trainer.train()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    train_s = time.monotonic() - t0
+    logs = [p for p in trainer.state.log_history if "loss" in p]
+    tokens = [int(p["num_tokens"]) for p in logs]
+    steps = trainer.state.global_step
+    per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
+    r: dict[str, Any] = {
+        "variant": name, "steps": steps, "examples": steps * per_step, "setup_s": setup_s, "load_s": seconds["load"],
+        "train_s": train_s, "tokens": tokens[-1] if tokens else None, "final_loss": logs[-1]["loss"] if logs else None,
+        "token_budget": getattr(trainer, "token_budget", None),
+        "micro_batches_per_step": statistics.mean(getattr(trainer, "micro_batch_counts", [0]) or [0]),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
+    if tokens:
+        r["tokens_per_s"] = tokens[-1] / train_s
+        r["samples_per_s"] = r["examples"] / train_s
+        r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
+        if len(clock.times) > 3 and len(tokens) == len(clock.times):
+            r["steady_tokens_per_s"] = (tokens[-1] - tokens[1]) / (clock.times[-1] - clock.times[1])
+    del trainer, data, callback
+    return r
+
+
+def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: dict[str, Any]) -> dict[str, Any]:
+    """A whole default job (the API's body: dataset rows only) through worker.trainer.train."""
+    free_gpu()
+    payload = payload_for(rows, hp, None)
+    job_id = "job_" + uuid.uuid4().hex[:22]
+    out = settings.adapter_dir / job_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reporter = RecordingReporter()
+    t = time.monotonic()
+    outcome = worker.trainer.train(payload, out, reporter, settings)
+    total = time.monotonic() - t
+    hp = payload["hyperparameters"]
+    tokens = reporter.tokens_seen()
+    r = {"variant": "job", "total_s": total, **{f"{k}_s": v for k, v in outcome.seconds.items()},
+         "steps": outcome.steps, "examples": outcome.steps * hp["batch_size"] * hp["gradient_accumulation_steps"],
+         "tokens": tokens, "final_loss": outcome.losses[-1] if outcome.losses else None,
+         "adapter_ok": (out / "adapter_model.safetensors").is_file(),
+         "eval": {k: v for k, v in outcome.evaluation.items() if k != "samples"},
+         "sample": (outcome.evaluation.get("samples") or [None])[0],
+         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+    if tokens and outcome.seconds.get("train"):
+        r["tokens_per_s"] = tokens / outcome.seconds["train"]
+        r["samples_per_s"] = r["examples"] / outcome.seconds["train"]
+        r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
+    return r
+
+
+def check_dequant(settings: Settings) -> bool:
+    """The fast path's dequantised weights equal bnb's own dequantisation of the NF4 weights, bit for bit."""
+    import bitsandbytes as bnb
+
+    from worker.fast_train import dequantize_nf4
+    from worker.models import compute_dtype, load_model
+
+    model = load_model(HUB_ID, "nf4", settings)
+    names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    picked = names[:: max(1, len(names) // 8)]
+    mods = dict(model.named_modules())
+    dtype = compute_dtype(settings.device)
+    refs = {n: bnb.functional.dequantize_4bit(mods[n].weight.data, mods[n].weight.quant_state).to(dtype)
+            for n in picked}
+    model = dequantize_nf4(model, dtype)
+    mods = dict(model.named_modules())
+    ok = all(torch.equal(mods[n].weight, refs[n]) for n in picked)
+    log(f"dequant check: {len(picked)} of {len(names)} NF4 layers compared, equal: {ok}")
+    del model, mods, refs
+    free_gpu()
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny Gemma, a few steps")
+    ap.add_argument("--src", default=str(ROOT / ".gpu"))
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--notebook-steps", type=int, default=25)
+    ap.add_argument("--steady-batch", type=int, default=256, help="effective batch of the steady runs")
+    ap.add_argument("--steady-epochs", type=float, default=4.0)
+    ap.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    a = ap.parse_args()
+    device = "cpu" if a.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device; use --tiny")
+        return 2
+    import peft
+    import transformers
+    import trl
+    log("versions: torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
+        "trl", trl.__version__)
+    src = Path(a.src)
+    work = Path(tempfile.mkdtemp(prefix="ftaas-train-bench-"))
+    nparams, build_s = build_model(src, work / "gemma-2b", a.tiny, device)
+    patch_hub(work / "gemma-2b")
+    rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
+    log(f"model {nparams / 1e9:.3f} B params built+saved in {build_s:.1f} s; {len(rows)} rows")
+
+    defaults = JobCreate.model_validate({"dataset": {"rows": rows}}).hyperparameters.model_dump()
+    fast = Settings(device=device, data_dir=work / "data", train_fast_path=True)
+    tiny_budget = {"train_token_budget": 256} if a.tiny else {}
+    steady_steps = max(3, int(a.steady_epochs * len(rows) / a.steady_batch))
+    if a.tiny:
+        a.notebook_steps, steady_steps, a.steady_batch = 3, 3, 16
+    steady_hp = {"batch_size": a.steady_batch, "gradient_accumulation_steps": 1, "max_steps": steady_steps,
+                 "gradient_checkpointing": False, "warmup_steps": 1}
+    def eager(trainer: Any) -> None:
+        trainer.model.get_base_model().set_attn_implementation("eager")
+
+    tweaks: dict[str, Any] = {"steady-eager": eager}
+    plan: list[tuple[str, dict[str, Any], Settings]] = [
+        ("notebook", {"batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": a.notebook_steps,
+                      "gradient_checkpointing": True, "learning_rate": 2e-4, "warmup_steps": 2},
+         Settings(device=device, data_dir=work / "data", train_fast_path=False)),
+        ("service-default", {"max_steps": 3} if a.tiny else {},
+         Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-nf4", steady_hp, Settings(device=device, data_dir=work / "data", train_dequantize=False,
+                                           **tiny_budget)),
+        ("steady-ckpt", steady_hp | {"gradient_checkpointing": True},
+         Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-b2k", steady_hp, Settings(device=device, data_dir=work / "data", train_token_budget=2048)),
+        ("steady-eager", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-tf32", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("profile", steady_hp | {"max_steps": 5}, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+    ]
+    only = set(filter(None, a.only.split(",")))
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
+    dequant_ok: bool | None = None
+    try:
+        dequant_ok = check_dequant(fast)
+    except Exception as e:
+        errors.append(f"dequant check: {type(e).__name__}: {e}")
+        traceback.print_exc()
+    for name, hp, settings in plan:
+        if only and name not in only:
+            continue
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = name == "steady-tf32"
+            r = run_variant(name, rows, hp, settings, work, nparams, tweaks.get(name),
+                            a.out if name == "profile" else None)
+            results.append(r)
+            log("RESULT", json.dumps(r, default=str))
+        except Exception as e:
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+    job: dict[str, Any] | None = None
+    if not only or "job" in only:
+        try:
+            job = run_job(rows if not a.tiny else rows[:60], fast, nparams, {"max_steps": 2} if a.tiny else {})
+            log("RESULT", json.dumps(job, default=str))
+        except Exception as e:
+            errors.append(f"job: {type(e).__name__}: {e}")
+            traceback.print_exc()
+
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "train_bench.json").write_text(json.dumps(
+            {"results": results, "job": job, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok},
+            indent=1, default=str))
+    ref = next((r.get("tokens_per_s") for r in results if r["variant"] == "notebook"), None)
+    log("\nTABLE")
+    log(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu (--tiny)'}; model "
+        f"{'tiny Gemma' if a.tiny else HUB_ID + ' architecture'}, random weights, {nparams / 1e9:.3f} B params, "
+        f"NF4; defaults: {json.dumps({k: defaults[k] for k in ('max_steps', 'batch_size', 'gradient_accumulation_steps', 'learning_rate', 'gradient_checkpointing')})}")  # noqa: E501
+    log("| variant | steps x examples/step | token budget (micro-batches/step) | train s | tokens/s | steady tok/s "
+        "| samples/s | peak GiB | MFU | final loss | x notebook |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        per = r["examples"] // max(1, r["steps"])
+        log(f"| {r['variant']} | {r['steps']} x {per} | {r['token_budget'] or '-'} ({r['micro_batches_per_step']:.1f}) "
+            f"| {r['train_s']:.2f} | {_f(r.get('tokens_per_s'), 0)} | {_f(r.get('steady_tokens_per_s'), 0)} "
+            f"| {_f(r.get('samples_per_s'), 1)} | {_f(r['peak_gib'], 2)} | {_pct(r.get('mfu'))} "
+            f"| {_f(r['final_loss'], 4)} | {_f(r.get('tokens_per_s', 0) / ref if ref else None, 1)} |")
+    if job:
+        log("\nwhole default job (worker.trainer.train: 10 % validation, eval before/after, periodic evals, "
+            "samples, save):")
+        log("| total s | data s | load s | eval s (outside train) | train s | save s | steps x examples | tokens/s "
+            "(train s) | peak GiB | eval loss before / after | adapter saved |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|")
+        ev = job["eval"]
+        log(f"| {job['total_s']:.2f} | {job.get('data_s', 0):.2f} | {job.get('load_s', 0):.2f} | "
+            f"{job.get('eval_s', 0):.2f} | {job.get('train_s', 0):.2f} | {job.get('save_s', 0):.2f} | "
+            f"{job['steps']} x {job['examples'] // max(1, job['steps'])} | {_f(job.get('tokens_per_s'), 0)} | "
+            f"{_f(job['peak_gib'], 2)} | {_f(ev.get('eval_loss_before'), 4)} / {_f(ev.get('eval_loss_after'), 4)} | "
+            f"{'yes' if job['adapter_ok'] else 'NO'} |")
+    log("check: dequantised NF4 weights equal bnb's dequantize_4bit:", dequant_ok)
+    log("errors:", "; ".join(errors) if errors else "none")
+    return 1 if errors else 0
+
+
+def _f(x: float | None, nd: int) -> str:
+    return "n/a" if x is None else f"{x:,.{nd}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The fast training path against the notebook's recipe on tiny-gemma: the same examples in each optimizer step,
+the same label and attention masks (completion-only and assistant-only included), the same loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.schemas import JobCreate
+from app.settings import Settings
+from tests.test_formats import CHAT_ROWS, PC_ROWS
+from tests.test_trainer import Recorder
+from worker.fast_train import FastSFTTrainer, label_tokens, micro_batches, split_batch
+from worker.trainer import build_trainer
+
+
+def _payload(rows: list[dict[str, Any]], **hp: Any) -> dict[str, Any]:
+    body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": rows}, "hyperparameters": {
+        "max_steps": 3, "batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 96,
+        "gradient_checkpointing": False, "seed": 11, "warmup_steps": 0, "learning_rate": 1e-3} | hp,
+        "validation": {"fraction": 0}})
+    payload = body.model_dump()
+    payload["template_given"] = False
+    return payload
+
+
+def _record(trainer: Any) -> list[dict[str, torch.Tensor]]:
+    """Every batch compute_loss sees while training (micro-batches), as given."""
+    seen: list[dict[str, torch.Tensor]] = []
+    original = trainer.compute_loss
+
+    def compute_loss(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+        if model.training:
+            seen.append({key: v.detach().clone() for key, v in inputs.items() if torch.is_tensor(v)})
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = compute_loss
+    return seen
+
+
+def _examples(batch: dict[str, torch.Tensor], tok: Any) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Each row unpadded: decoded input, decoded label-bearing tokens, and its labels (pads must be -100)."""
+    out = []
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any(), "right padding: ones, then zeros"
+        assert (labels[n:] == -100).all(), "pads carry label -100"
+        out.append((tok.decode(ids[:n]), tok.decode(ids[:n][labels[:n] != -100]), tuple(labels[:n].tolist())))
+    return out
+
+
+def _train(rows: list[dict[str, Any]], fast: bool, tmp: Path, budget: int, **hp: Any) -> tuple[Any, Recorder, Any]:
+    settings = Settings(data_dir=tmp, device="cpu", train_fast_path=fast, train_token_budget=budget)
+    rec = Recorder()
+    trainer, _, _, _ = build_trainer(_payload(rows, **hp), rec, settings, str(tmp / ("fast" if fast else "nb")))
+    seen = _record(trainer)
+    trainer.train()
+    return trainer, rec, seen
+
+
+def test_micro_batches_respect_the_budget_and_keep_every_row() -> None:
+    lengths = [30, 7, 120, 31, 29, 5, 64, 64, 300]
+    groups = micro_batches(lengths, budget=128)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) == 1 or len(g) * longest <= 128
+        assert lengths[g[0]] == longest
+    assert groups[0] == [8]  # longer than the budget: alone
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths, reverse=True)  # length-grouped
+
+
+@pytest.mark.parametrize("kind", ["template", "prompt_completion", "messages"])
+def test_fast_path_sees_the_same_examples_masks_and_loss_per_step(tmp_path: Path, quotes: list[dict[str, Any]],
+                                                                   kind: str) -> None:
+    rows = {"template": quotes[:24], "prompt_completion": PC_ROWS, "messages": CHAT_ROWS}[kind]
+    nb, nb_rec, nb_seen = _train(rows, False, tmp_path, 0)
+    fast, fast_rec, fast_seen = _train(rows, True, tmp_path, 40)  # a small budget: several micro-batches a step
+    assert isinstance(fast, FastSFTTrainer) and not isinstance(nb, FastSFTTrainer)
+    assert nb_rec.steps == fast_rec.steps == [1, 2, 3]
+    assert len(nb_seen) == 12 and fast.args.gradient_accumulation_steps == 1
+    assert len(fast_seen) == sum(fast.micro_batch_counts) and max(fast.micro_batch_counts) > 1
+    tok = nb.processing_class
+    starts = [sum(fast.micro_batch_counts[:i]) for i in range(4)]
+    for step in range(3):
+        want = sorted(e for b in nb_seen[4 * step:4 * step + 4] for e in _examples(b, tok))
+        got = sorted(e for b in fast_seen[starts[step]:starts[step + 1]] for e in _examples(b, tok))
+        assert got == want, f"step {step + 1}: different examples or masks"
+        for b in fast_seen[starts[step]:starts[step + 1]]:
+            assert b["input_ids"].numel() <= 40 or b["input_ids"].shape[0] == 1  # the token budget held
+    if kind != "template":  # completion-only / assistant-only: some tokens of every example carry no label
+        assert all(-100 in e[2] for b in fast_seen for e in _examples(b, tok))
+    # same examples, same per-token mean over the effective batch: the same losses, up to float order
+    nb_loss = [p["loss"] for p in nb.state.log_history if "loss" in p]
+    fast_loss = [p["loss"] for p in fast.state.log_history if "loss" in p]
+    assert fast_loss == pytest.approx(nb_loss, rel=2e-3), (fast_loss, nb_loss)
+
+
+def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path,
+                                                                   quotes: list[dict[str, Any]]) -> None:
+    """Unquantized (fp32) so the comparison is tight: the split, per-token-mean loss of the fast step equals the
+    plain full-logits cross-entropy of the whole batch, and so do the LoRA gradients."""
+    settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_token_budget=48)
+    payload = _payload(quotes[:16], quantization="none", batch_size=8, gradient_accumulation_steps=1)
+    trainer, _, _, _ = build_trainer(payload, Recorder(), settings, str(tmp_path / "run"))
+    model = trainer.model
+    for p in model.parameters():  # LoRA B starts at zero; make every LoRA weight matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    assert len(split_batch(batch, 48)) > 1
+
+    model.zero_grad()
+    fast_loss = trainer.training_step(model, dict(batch))
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                            labels.reshape(-1), ignore_index=-100, reduction="sum")
+    ref = ref / label_tokens(batch["labels"])
+    ref.backward()
+    assert float(fast_loss) == pytest.approx(float(ref), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+

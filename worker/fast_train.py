@@ -1,0 +1,134 @@
+"""The fast training path: the whole effective batch per step, as length-grouped, token-budgeted micro-batches.
+
+Semantics (the same as the notebook's recipe, only grouped differently):
+
+* One optimizer step = one effective batch of ``batch_size x gradient_accumulation_steps`` examples, drawn by
+  the Trainer's seeded random sampler exactly as the notebook's ``batch 1 x accumulation 4`` draws them (the
+  permutation does not depend on the batch size), so ``max_steps`` means the same examples as before.
+* The Trainer sees that batch as one batch (accumulation 1). ``FastSFTTrainer.training_step`` sorts its rows by
+  length and cuts them into micro-batches of at most ``token_budget`` padded tokens (rows x longest row), trims
+  each to its own longest row and runs forward + backward on each. Rows are right-padded with a causal mask and
+  pads carry label -100: no example attends to another.
+* Loss: the per-token mean over the effective batch (sum of token losses / label tokens of the whole step),
+  like trl's loss under gradient accumulation; each micro-batch contributes its sum / that count.
+* The logits are never materialised whole: trl's fused LM head (``compute_loss``) scores only labelled
+  positions, in tiles.
+
+GPU-only helpers: ``dequantize_nf4`` (bnb's own dequantisation through transformers, once, so the matmuls run
+in bf16 without a per-call dequantize) and ``auto_token_budget`` (from free memory and the model's shape).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from trl import SFTTrainer
+
+log = logging.getLogger("ftaas.fast_train")
+
+CPU_TOKEN_BUDGET = 4096
+MIN_BUDGET, MAX_BUDGET = 256, 65_536
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices grouped longest first so that rows x longest row <= ``budget`` (at least one row each).
+
+    Greedy filling pads: on the 651 quotes, 256 rows a step and a 3,400-token budget, 1.40 padded tokens per real
+    one. A dynamic programme (fewest micro-batches, then fewest padded tokens) gets 1.27 with the same count, but
+    took 120 ms of host time a call here (loaded 2-core CPU), and the GPU loop is host-bound already (RESULTS.md
+    run T2), so it is not used (not measured on the GPU).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def label_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal loss scores: next-token labels that are not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def split_batch(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """The right-padded batch ``inputs`` as length-grouped micro-batches, each trimmed to its longest row."""
+    mask = inputs["attention_mask"]
+    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+    rows = mask.shape[0]
+    out = []
+    for group in micro_batches(lengths, budget):
+        width = max(lengths[i] for i in group)
+        index = torch.tensor(group, device=mask.device)
+        out.append({k: v.index_select(0, index)[:, :width] if torch.is_tensor(v) and v.dim() == 2
+                    and v.shape[0] == rows else v for k, v in inputs.items()})
+    return out
+
+
+def activation_bytes_per_token(model: PreTrainedModel, checkpointing: bool) -> int:
+    """A conservative estimate of the activations kept for backward, per token (bf16), from the model's shape.
+
+    Without checkpointing each layer keeps its norms' inputs (fp32), q/k/v/attention outputs, the MLP's gate, up,
+    activation and product (``4 x intermediate``); with it, one hidden state per layer plus one layer's worth.
+    """
+    cfg = model.config.get_text_config()
+    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads * getattr(cfg, "head_dim", hidden // cfg.num_attention_heads)
+    per_layer = (12 * hidden + 4 * inter + 4 * heads) * 2
+    return (layers * hidden * 4 + per_layer) if checkpointing else layers * per_layer
+
+
+def auto_token_budget(model: PreTrainedModel, device: str, checkpointing: bool, memory_gib: float,
+                      fixed: int = 0) -> int:
+    """Padded tokens per micro-batch: ``fixed`` when set; on the GPU what fits in ``memory_gib`` (capped by what
+    is free) beside what is allocated now, with 2 GiB kept for the LM-head tiles and the allocator."""
+    if fixed:
+        return fixed
+    if device != "cuda" or not torch.cuda.is_available():
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info()
+    allocated = torch.cuda.memory_allocated()
+    room = min(memory_gib * 2**30 - allocated, free) - 2 * 2**30
+    budget = int(room // activation_bytes_per_token(model, checkpointing))
+    return max(MIN_BUDGET, min(MAX_BUDGET, budget))
+
+
+def dequantize_nf4(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """Replace every bnb ``Linear4bit`` with a plain Linear holding bnb's dequantised weight (transformers'
+    ``dequantize``): the same values the NF4 forward dequantises on every call, computed once.
+
+    The model keeps ``is_loaded_in_4bit`` so that trl still casts the LoRA weights to bf16 as for QLoRA.
+    """
+    was_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    try:
+        model = model.dequantize(dtype=dtype) or model
+    except TypeError:  # transformers releases whose dequantize() takes no dtype dequantize to the load dtype
+        model = model.dequantize() or model
+    model.is_loaded_in_4bit = was_4bit  # type: ignore[assignment]
+    return model
+
+
+class FastSFTTrainer(SFTTrainer):
+    """SFTTrainer whose training step runs the effective batch as token-budgeted micro-batches (see module doc)."""
+
+    def __init__(self, *args: Any, token_budget: int = CPU_TOKEN_BUDGET, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_budget = token_budget
+        self.micro_batch_counts: list[int] = []  # micro-batches per step, for the bench and tests
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        total = max(1, label_tokens(inputs["labels"]))
+        parts = split_batch(inputs, self.token_budget)
+        self.micro_batch_counts.append(len(parts))
+        loss: torch.Tensor | None = None
+        for part in parts:
+            step_loss = super().training_step(model, part, num_items_in_batch=total)
+            loss = step_loss if loss is None else loss + step_loss
+        assert loss is not None
+        return loss
