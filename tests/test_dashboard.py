@@ -90,7 +90,7 @@ def test_dashboard_end_to_end(page: Page, service: str, quotes: list[dict[str, A
     # the job page: follows the job live to succeeded, with the chart drawn
     page.wait_for_url(re.compile(r"#/jobs/job_[0-9a-f]{22}$"))
     job_id = page.url.rsplit("/", 1)[1]
-    expect(page.get_by_test_id("status")).to_have_text("succeeded", timeout=60_000)
+    expect(page.get_by_test_id("status")).to_have_text("succeeded", timeout=300_000)
     expect(page.get_by_test_id("progress-text")).to_contain_text("step 3 / 3")
     chart = page.get_by_test_id("loss-chart")
     expect(chart.locator("circle.train")).to_have_count(3)
@@ -117,7 +117,7 @@ def test_dashboard_end_to_end(page: Page, service: str, quotes: list[dict[str, A
     page.get_by_test_id("generate").click()
     for key in ("base", "adapter"):
         pane = page.get_by_test_id(f"{key}-output")
-        expect(pane).to_have_attribute("data-done", "true", timeout=60_000)
+        expect(pane).to_have_attribute("data-done", "true", timeout=180_000)
         assert pane.inner_text().strip(), f"the {key} pane is empty"
         expect(page.get_by_test_id(f"{key}-meta")).to_contain_text("tokens")
     expect(page.get_by_test_id("adapter-meta")).to_contain_text(job_id)
