@@ -410,6 +410,27 @@ class JobStore(_Store):
             cursor = f"({chunk[-1]}"
         return found[:n]
 
+    def rewind_metrics(self, job_id: str, step: int) -> int:
+        """A job resumed from its checkpoint at ``step`` trains the later steps again: drop their points
+        (written before the worker was lost) so the series holds each step once. Returns how many went."""
+        key = f"{self._key(job_id)}:metrics"
+        with self.r.pipeline() as pipe:  # WATCH: a concurrent append makes the swap retry
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.lrange(key, 0, -1)
+                    keep = [x for x in raw if json.loads(x).get("step", 0) <= step]  # type: ignore[union-attr]
+                    if len(keep) == len(raw):  # type: ignore[arg-type]
+                        return 0
+                    pipe.multi()
+                    pipe.delete(key)
+                    if keep:
+                        pipe.rpush(key, *keep)
+                    pipe.execute()
+                    return len(raw) - len(keep)  # type: ignore[arg-type]
+                except redis.WatchError:
+                    continue
+
     def metric_series(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(f"{self._key(job_id)}:metrics", 0, -1)]  # type: ignore[union-attr]
 

@@ -74,6 +74,8 @@ def test_sigkill_whole_worker_requeues_within_bound_and_resumes(chaos: Cluster, 
     resumed = next(e for e in evs if e["type"] == "resumed")
     assert resumed["data"]["step"] in (2, 4), "from the latest checkpoint, not from scratch"
     assert [e["type"] for e in evs].count("started") == 2
+    steps = [p["step"] for p in api.get(f"/jobs/{job_id}/metrics").json()["data"] if "loss" in p]
+    assert steps == [1, 2, 3, 4, 5], "the steps trained again after the resume replace their first points"
     assert not (Path(chaos.env["FTAAS_DATA_DIR"]) / "checkpoints" / job_id).exists(), "deleted when it ended"
 
 

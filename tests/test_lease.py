@@ -5,9 +5,18 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from app.jobstore import JobStore, new_job_id
 from app.settings import Settings
 from worker.lease import Heartbeat, Reaper
+
+
+@pytest.fixture
+def store(redis_url: str, unit_prefix: str) -> JobStore:
+    """A prefix of its own per test: the reaper sweeps every running job under its prefix, and other
+    unit tests leave jobs `running` without a lease (they never had a worker)."""
+    return JobStore.from_url(redis_url, f"{unit_prefix}-lease-{new_job_id()}")
 
 
 def _new(store: JobStore) -> str:
@@ -112,3 +121,14 @@ def test_heartbeat_keeps_the_lease_and_takes_it_back_after_an_outage(store: JobS
         assert _lease_ttl_ms(store, job_id) == -2
     finally:
         beat.stop()
+
+
+def test_resume_rewinds_the_metric_series_to_the_checkpoint(store: JobStore) -> None:
+    job_id = _new(store)
+    assert store.claim(job_id, "w1", 30) == 1
+    fenced = store.leased("w1")
+    for step in (1, 2, 3):  # the lost attempt got to step 3; its checkpoint is at step 2
+        assert fenced.report_progress(job_id, step, 10, None, {"loss": 1.0}, {"step": step, "loss": 1.0})
+    assert store.rewind_metrics(job_id, 2) == 1
+    assert store.rewind_metrics(job_id, 2) == 0
+    assert [p["step"] for p in store.metric_series(job_id)] == [1, 2]

@@ -1,4 +1,4 @@
-"""Load on loopback: 200 concurrent clients poll job status and list jobs while jobs train (20 asked; 6 in CI).
+"""Load on loopback: 200 concurrent clients poll job status and list jobs while 20 jobs train.
 
 A private API and two train workers (tests/faults.py). Every response is timed; the test fails on
 any 5xx or transport error and prints p50 / p99 latency (figures in the README's "Reliability").
@@ -23,10 +23,8 @@ from tests.conftest import ROOT, TERMINAL, tiny_job
 from tests.faults import Cluster, cluster_env
 
 CLIENTS, POLL_S = 200, 0.5
-# The issue asks for 20 jobs; on the 2-core CI machine a 1-step tiny job costs 60-100 s of process start, imports
-# and evaluation while 200 clients poll, so 20 do not finish in the window. CI runs 6; FTAAS_TEST_LOAD_JOBS=20 on a
-# larger machine runs the full load.
-JOBS = int(os.environ.get("FTAAS_TEST_LOAD_JOBS", "6"))
+# FTAAS_TEST_LOAD_JOBS overrides the issue's 20 (about 4.5 min on the 2-core CI machine).
+JOBS = int(os.environ.get("FTAAS_TEST_LOAD_JOBS", "20"))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def test_200_clients_polling_while_jobs_run(cluster: Cluster, quotes: list[dict[
     with httpx.Client(base_url=cluster.url, timeout=30) as api:
         job_ids = [api.post("/jobs", json=body).json()["id"] for _ in range(JOBS)]
     started = time.monotonic()
-    latencies, failures, statuses = asyncio.run(_load(cluster.url, job_ids, timeout_s=600))
+    latencies, failures, statuses = asyncio.run(_load(cluster.url, job_ids, timeout_s=900))
     took = time.monotonic() - started
     q = statistics.quantiles(latencies, n=100)
     print(f"load: {CLIENTS} clients, {len(latencies)} requests in {took:.0f} s ({len(latencies) / took:.0f}/s), "

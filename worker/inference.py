@@ -158,8 +158,8 @@ def generate_texts(model: Any, tok: PreTrainedTokenizerBase, prompts: list[str],
                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
                    seed: int | None = None, stop: list[str] | None = None) -> list[dict[str, Any]]:
     """Continuations of left-padded ``prompts``: text (prompt excluded), token count, finish reason."""
-    tok.padding_side = "left"  # decoder-only batches pad on the left
-    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+    # decoder-only batches pad on the left (per call: the tokenizer is shared, worker/models.py)
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                               "pad_token_id": tok.pad_token_id}
     if do_sample:

@@ -65,6 +65,8 @@ class _StoreReporter:
         self._quietly(self.store.add_event, self.job_id, "eval", point, metric=point)
 
     def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        if kind == "resumed":  # the steps after the checkpoint run again: their old points go
+            self._quietly(self.store.rewind_metrics, self.job_id, int(data["step"]))
         self._quietly(self.store.add_event, self.job_id, kind, data, **(record or {}))
 
     def should_stop(self) -> bool:
@@ -184,8 +186,15 @@ def _preload_on_cpu(**_: Any) -> None:
     child (one per training job) then inherits them instead of importing them again (``python -X importtime
     -c "import worker.trainer"``: about 25 s on a loaded 2-core machine, peft alone 16 s). Not with a GPU:
     bitsandbytes' import queries CUDA, and the parent must never touch CUDA (see celery_app)."""
-    if get_settings().device == "cpu":
+    settings = get_settings()
+    if settings.device == "cpu":
         import worker.trainer  # noqa: F401
+        from worker.models import load_tokenizer
+
+        try:  # and the default base model's tokenizer (2-4 s a job otherwise)
+            load_tokenizer(settings.default_base_model, settings)
+        except Exception:  # a missing or gated model is the job's error to report, not the worker's
+            log.warning("could not preload the tokenizer of %s", settings.default_base_model, exc_info=True)
 
 
 @worker_ready.connect
