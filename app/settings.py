@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     train_dequantize: bool = Field(
         True, description="GPU: dequantize the NF4 base to bf16 once (bnb's values) instead of on every matmul."
     )
+    train_compile_min_examples: int = Field(
+        0, ge=0, description="GPU fast path without checkpointing: torch.compile each decoder layer for jobs that "
+        "train at least this many examples (max_steps x effective batch); 0: never. Off by default: compiling took "
+        "over 45 s on an H200 and losses drift from eager's once LoRA is non-zero (bench/RESULTS.md run T4)."
+    )
 
     generate_timeout_s: float = Field(120.0, gt=0, description="How long /generate waits for a worker.")
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded per generate worker (LRU).")

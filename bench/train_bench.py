@@ -12,9 +12,16 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
 * ``steady-ckpt``     ``steady`` with gradient checkpointing.
 * ``steady-b2k``      ``steady`` with a 2,048-token budget instead of the one picked from free memory.
 * ``steady-eager``    ``steady`` with eager attention instead of SDPA; ``steady-tf32``: TF32 matmuls allowed.
+* ``steady-2``        ``steady`` again, warm (the first fast variant of a process pays the first-use warm-up).
+* ``steady-compile``  ``steady`` with each decoder layer compiled (``train_compile_min_examples=1``); its first step
+                      pays the compile (the "first step s" column).
 * ``profile``         5 steps of ``steady`` with torch.profiler over steps 4-5 (top ops printed, ``profile.txt``).
 * ``job``             a whole default job through ``worker.trainer.train`` (10 % validation, evals and samples
-                      before/after, adapter saved): data, load, eval, train and save seconds apart.
+                      before/after, adapter saved): data, load, setup (the trainer's construction), eval (loss /
+                      samples), train (first step) and save seconds apart. ``job-compile``: the same, compiled.
+
+``--only`` runs the named variants in the order given (default: all, jobs last). ``--model-cache DIR`` builds the
+model there once and reuses it in a later process (to time a job in a fresh process, as a worker runs each job).
 
 MFU = tokens/s x 4 x params / 790e12 (bf16 dense rate of this H200 kind; recompute not counted), tokens = non-padding
 input tokens (trl's ``num_tokens``). "steady tok/s" leaves out the first 2 steps (warm-up). Table last.
@@ -53,6 +60,7 @@ from app.schemas import JobCreate  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 PEAK_FLOPS = 790e12
+T0 = time.monotonic()
 
 
 def log(*x: Any) -> None:
@@ -159,26 +167,53 @@ def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], setti
         r["tokens_per_s"] = tokens[-1] / train_s
         r["samples_per_s"] = r["examples"] / train_s
         r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
+        if clock.times:
+            r["first_step_s"] = clock.times[0] - t0
         if len(clock.times) > 3 and len(tokens) == len(clock.times):
             r["steady_tokens_per_s"] = (tokens[-1] - tokens[1]) / (clock.times[-1] - clock.times[1])
     del trainer, data, callback
     return r
 
 
-def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: dict[str, Any]) -> dict[str, Any]:
+def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: dict[str, Any],
+            name: str = "job") -> dict[str, Any]:
     """A whole default job (the API's body: dataset rows only) through worker.trainer.train."""
     free_gpu()
+    timed = {"samples": 0.0, "build": 0.0}
+    samples, build = worker.trainer._samples, worker.trainer.build_trainer
+
+    def timed_samples(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return samples(*args, **kwargs)
+        finally:
+            timed["samples"] += time.monotonic() - t0
+
+    def timed_build(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            timed["build"] += time.monotonic() - t0
+
+    worker.trainer._samples, worker.trainer.build_trainer = timed_samples, timed_build  # type: ignore[assignment]
     payload = payload_for(rows, hp, None)
     job_id = "job_" + uuid.uuid4().hex[:22]
     out = settings.adapter_dir / job_id
     out.parent.mkdir(parents=True, exist_ok=True)
     reporter = RecordingReporter()
     t = time.monotonic()
-    outcome = worker.trainer.train(payload, out, reporter, settings)
+    try:
+        outcome = worker.trainer.train(payload, out, reporter, settings)
+    finally:
+        worker.trainer._samples, worker.trainer.build_trainer = samples, build  # type: ignore[assignment]
     total = time.monotonic() - t
     hp = payload["hyperparameters"]
     tokens = reporter.tokens_seen()
-    r = {"variant": "job", "total_s": total, **{f"{k}_s": v for k, v in outcome.seconds.items()},
+    parts = outcome.seconds
+    r = {"variant": name, "total_s": total, **{f"{k}_s": v for k, v in parts.items()},
+         "setup_s": timed["build"] - parts.get("data", 0) - parts.get("load", 0), "samples_s": timed["samples"],
+         "first_step_s": reporter.points[0]["time"] if reporter.points else None,
          "steps": outcome.steps, "examples": outcome.steps * hp["batch_size"] * hp["gradient_accumulation_steps"],
          "tokens": tokens, "final_loss": outcome.losses[-1] if outcome.losses else None,
          "adapter_ok": (out / "adapter_model.safetensors").is_file(),
@@ -223,7 +258,10 @@ def main() -> int:
     ap.add_argument("--notebook-steps", type=int, default=25)
     ap.add_argument("--steady-batch", type=int, default=256, help="effective batch of the steady runs")
     ap.add_argument("--steady-epochs", type=float, default=4.0)
-    ap.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated variants, run in this order (default: all)")
+    ap.add_argument("--no-dequant-check", action="store_true", help="skip the NF4 dequantisation check")
+    ap.add_argument("--model-cache", default="", help="build the model here once; reuse it when present")
+    ap.add_argument("--deadline", type=float, default=0.0, help="start no variant after this many seconds")
     a = ap.parse_args()
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -236,8 +274,13 @@ def main() -> int:
         "trl", trl.__version__)
     src = Path(a.src)
     work = Path(tempfile.mkdtemp(prefix="ftaas-train-bench-"))
-    nparams, build_s = build_model(src, work / "gemma-2b", a.tiny, device)
-    patch_hub(work / "gemma-2b")
+    model_dir = Path(a.model_cache) if a.model_cache else work / "gemma-2b"
+    if (model_dir / "nparams.txt").is_file():
+        nparams, build_s = int((model_dir / "nparams.txt").read_text()), 0.0
+    else:
+        nparams, build_s = build_model(src, model_dir, a.tiny, device)
+        (model_dir / "nparams.txt").write_text(str(nparams))
+    patch_hub(model_dir)
     rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
     log(f"model {nparams / 1e9:.3f} B params built+saved in {build_s:.1f} s; {len(rows)} rows")
 
@@ -260,6 +303,9 @@ def main() -> int:
         ("service-default", {"max_steps": 3} if a.tiny else {},
          Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-2", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-compile", steady_hp, Settings(device=device, data_dir=work / "data", train_compile_min_examples=1,
+                                               **tiny_budget)),
         ("steady-nf4", steady_hp, Settings(device=device, data_dir=work / "data", train_dequantize=False,
                                            **tiny_budget)),
         ("steady-ckpt", steady_hp | {"gradient_checkpointing": True},
@@ -269,19 +315,32 @@ def main() -> int:
         ("steady-tf32", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("profile", steady_hp | {"max_steps": 5}, Settings(device=device, data_dir=work / "data", **tiny_budget)),
     ]
-    only = set(filter(None, a.only.split(",")))
+    jobs_plan = {"job": fast, "job-compile": Settings(device=device, data_dir=work / "data",
+                                                      train_compile_min_examples=1)}
+    by_name = {name: (hp, settings) for name, hp, settings in plan}
+    order = [n for n in a.only.split(",") if n] or [*by_name, *jobs_plan]
     results: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
     errors: list[str] = []
     dequant_ok: bool | None = None
-    try:
-        dequant_ok = check_dequant(fast)
-    except Exception as e:
-        errors.append(f"dequant check: {type(e).__name__}: {e}")
-        traceback.print_exc()
-    for name, hp, settings in plan:
-        if only and name not in only:
+    if not a.no_dequant_check:
+        try:
+            dequant_ok = check_dequant(fast)
+        except Exception as e:
+            errors.append(f"dequant check: {type(e).__name__}: {e}")
+            traceback.print_exc()
+    for name in order:
+        if a.deadline and time.monotonic() - T0 > a.deadline:
+            errors.append(f"{name}: skipped (deadline)")
             continue
         try:
+            if name in jobs_plan:
+                job = run_job(rows if not a.tiny else rows[:60], jobs_plan[name], nparams,
+                              {"max_steps": 2} if a.tiny else {}, name)
+                jobs.append(job)
+                log("RESULT", json.dumps(job, default=str))
+                continue
+            hp, settings = by_name[name]
             torch.backends.cuda.matmul.allow_tf32 = name == "steady-tf32"
             r = run_variant(name, rows, hp, settings, work, nparams, tweaks.get(name),
                             a.out if name == "profile" else None)
@@ -290,46 +349,41 @@ def main() -> int:
         except Exception as e:
             errors.append(f"{name}: {type(e).__name__}: {e}")
             traceback.print_exc()
-    job: dict[str, Any] | None = None
-    if not only or "job" in only:
-        try:
-            job = run_job(rows if not a.tiny else rows[:60], fast, nparams, {"max_steps": 2} if a.tiny else {})
-            log("RESULT", json.dumps(job, default=str))
-        except Exception as e:
-            errors.append(f"job: {type(e).__name__}: {e}")
-            traceback.print_exc()
 
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "train_bench.json").write_text(json.dumps(
-            {"results": results, "job": job, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok},
+            {"results": results, "jobs": jobs, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok},
             indent=1, default=str))
     ref = next((r.get("tokens_per_s") for r in results if r["variant"] == "notebook"), None)
     log("\nTABLE")
     log(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu (--tiny)'}; model "
         f"{'tiny Gemma' if a.tiny else HUB_ID + ' architecture'}, random weights, {nparams / 1e9:.3f} B params, "
         f"NF4; defaults: {json.dumps({k: defaults[k] for k in ('max_steps', 'batch_size', 'gradient_accumulation_steps', 'learning_rate', 'gradient_checkpointing')})}")  # noqa: E501
-    log("| variant | steps x examples/step | token budget (micro-batches/step) | train s | tokens/s | steady tok/s "
-        "| samples/s | peak GiB | MFU | final loss | x notebook |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    log("| variant | steps x examples/step | token budget (micro-batches/step) | train s | first step s | tokens/s "
+        "| steady tok/s | samples/s | peak GiB | MFU | final loss | x notebook |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         per = r["examples"] // max(1, r["steps"])
         log(f"| {r['variant']} | {r['steps']} x {per} | {r['token_budget'] or '-'} ({r['micro_batches_per_step']:.1f}) "
-            f"| {r['train_s']:.2f} | {_f(r.get('tokens_per_s'), 0)} | {_f(r.get('steady_tokens_per_s'), 0)} "
+            f"| {r['train_s']:.2f} | {_f(r.get('first_step_s'), 2)} | {_f(r.get('tokens_per_s'), 0)} "
+            f"| {_f(r.get('steady_tokens_per_s'), 0)} "
             f"| {_f(r.get('samples_per_s'), 1)} | {_f(r['peak_gib'], 2)} | {_pct(r.get('mfu'))} "
             f"| {_f(r['final_loss'], 4)} | {_f(r.get('tokens_per_s', 0) / ref if ref else None, 1)} |")
-    if job:
+    if jobs:
         log("\nwhole default job (worker.trainer.train: 10 % validation, eval before/after, periodic evals, "
-            "samples, save):")
-        log("| total s | data s | load s | eval s (outside train) | train s | save s | steps x examples | tokens/s "
-            "(train s) | peak GiB | eval loss before / after | adapter saved |")
-        log("|---|---|---|---|---|---|---|---|---|---|---|")
-        ev = job["eval"]
-        log(f"| {job['total_s']:.2f} | {job.get('data_s', 0):.2f} | {job.get('load_s', 0):.2f} | "
-            f"{job.get('eval_s', 0):.2f} | {job.get('train_s', 0):.2f} | {job.get('save_s', 0):.2f} | "
-            f"{job['steps']} x {job['examples'] // max(1, job['steps'])} | {_f(job.get('tokens_per_s'), 0)} | "
-            f"{_f(job['peak_gib'], 2)} | {_f(ev.get('eval_loss_before'), 4)} / {_f(ev.get('eval_loss_after'), 4)} | "
-            f"{'yes' if job['adapter_ok'] else 'NO'} |")
+            "samples, save; eval = outside train, of which samples):")
+        log("| variant | total s | data s | load s | setup s | eval s (samples s) | train s (first step s) | save s "
+            "| steps x examples | tokens/s (train s) | peak GiB | eval loss before / after | adapter saved |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for job in jobs:
+            ev = job["eval"]
+            log(f"| {job['variant']} | {job['total_s']:.2f} | {job.get('data_s', 0):.2f} | {job.get('load_s', 0):.2f} "
+                f"| {job['setup_s']:.2f} | {job.get('eval_s', 0):.2f} ({job['samples_s']:.2f}) "
+                f"| {job.get('train_s', 0):.2f} ({_f(job['first_step_s'], 2)}) | {job.get('save_s', 0):.2f} "
+                f"| {job['steps']} x {job['examples'] // max(1, job['steps'])} | {_f(job.get('tokens_per_s'), 0)} "
+                f"| {_f(job['peak_gib'], 2)} | {_f(ev.get('eval_loss_before'), 4)} / "
+                f"{_f(ev.get('eval_loss_after'), 4)} | {'yes' if job['adapter_ok'] else 'NO'} |")
     log("check: dequantised NF4 weights equal bnb's dequantize_4bit:", dequant_ok)
     log("errors:", "; ".join(errors) if errors else "none")
     return 1 if errors else 0

@@ -22,11 +22,15 @@ import pytest
 from tests.conftest import ROOT, tiny_job, wait_for
 from tests.faults import LOST_BOUND_S, Cluster, children, cluster_env, events, send_train_task
 
+# A tiny-gemma step takes well under a second here: jobs are long enough that a kill lands mid-training
+# (after the first checkpoint, every EVERY steps) with seconds to spare, not after the job ended.
+STEPS, EVERY = 60, 4
+
 
 @pytest.fixture(scope="module")
 def chaos(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("chaos")
-    env = cluster_env(service_env, tmp, FTAAS_CHECKPOINT_INTERVAL="2")
+    env = cluster_env(service_env, tmp, FTAAS_CHECKPOINT_INTERVAL=str(EVERY))
     subprocess.run([sys.executable, "-m", "worker.models", "tiny-gemma"], env=env, cwd=ROOT, check=True)
     (tmp / "logs").mkdir()
     with Cluster(env, tmp / "logs") as c:
@@ -53,8 +57,8 @@ def _types(api: httpx.Client, job_id: str) -> list[str]:
 def test_sigkill_whole_worker_requeues_within_bound_and_resumes(chaos: Cluster, api: httpx.Client,
                                                                  quotes: list[dict[str, Any]]) -> None:
     worker = chaos.worker("a")
-    job_id = _submit(api, quotes[:16], 5)
-    wait_for(api, job_id, check=lambda j: j["progress"]["step"] >= 3, timeout=600)  # a checkpoint at step 2 exists
+    job_id = _submit(api, quotes[:16], STEPS)
+    wait_for(api, job_id, check=lambda j: j["progress"]["step"] > EVERY, timeout=600)  # a checkpoint exists
     killed = time.monotonic()
     os.killpg(worker.pid, signal.SIGKILL)  # the parent and its training child: a lost machine
     chaos.procs.pop("a").wait(10)
@@ -62,20 +66,21 @@ def test_sigkill_whole_worker_requeues_within_bound_and_resumes(chaos: Cluster, 
     noticed = time.monotonic() - killed
     print(f"SIGKILL: job requeued {noticed:.1f} s after the kill (bound {LOST_BOUND_S:.0f} s + polling)")
     assert noticed <= LOST_BOUND_S + 1.5, "noticed by the API's reaper: no worker is left"
-    assert requeued["attempts"] == 1 and requeued["progress"]["step"] >= 3
+    assert requeued["attempts"] == 1 and EVERY < requeued["progress"]["step"] < STEPS
 
     chaos.worker("b")  # the next worker resumes from the checkpoint
     done = wait_for(api, job_id, timeout=600)
     assert done["status"] == "succeeded", done["error"]
-    assert done["attempts"] == 2 and done["progress"]["step"] == 5
+    assert done["attempts"] == 2 and done["progress"]["step"] == STEPS
     evs = events(api, job_id)
     requeue = next(e for e in evs if e["type"] == "requeued")
     assert requeue["data"] == {"reason": "worker_lost", "attempt": 1}
     resumed = next(e for e in evs if e["type"] == "resumed")
-    assert resumed["data"]["step"] in (2, 4), "from the latest checkpoint, not from scratch"
+    at = resumed["data"]["step"]
+    assert at % EVERY == 0 and EVERY <= at <= requeued["progress"]["step"], "from a checkpoint, not from scratch"
     assert [e["type"] for e in evs].count("started") == 2
     steps = [p["step"] for p in api.get(f"/jobs/{job_id}/metrics").json()["data"] if "loss" in p]
-    assert steps == [1, 2, 3, 4, 5], "the steps trained again after the resume replace their first points"
+    assert steps == list(range(1, STEPS + 1)), "the steps trained again after the resume replace their first points"
     assert not (Path(chaos.env["FTAAS_DATA_DIR"]) / "checkpoints" / job_id).exists(), "deleted when it ended"
 
 
@@ -85,27 +90,29 @@ def test_duplicate_message_is_skipped_and_killed_child_is_resumed(chaos: Cluster
     job does nothing; the kernel's OOM killer taking the training child (SIGKILL, the parent lives on)
     gets the job requeued and resumed."""
     worker_b = chaos.procs.get("b") or chaos.worker("b")
-    job_id = _submit(api, quotes[:16], 5)
-    wait_for(api, job_id, {"running"}, timeout=600)
-    chaos.worker("c")
-    for _ in range(2):
-        send_train_task(chaos.env, job_id)
-    deadline = time.monotonic() + 60
-    while chaos.log("b").count("'skipped'") + chaos.log("c").count("'skipped'") < 2:
-        assert time.monotonic() < deadline, "the duplicates were not consumed"
-        time.sleep(0.3)
-    assert _types(api, job_id).count("started") == 1, "never two runs of one job"
+    chaos.worker("c")  # both consuming before the job starts: the idle one takes the duplicates at once
+    try:
+        job_id = _submit(api, quotes[:16], STEPS)
+        wait_for(api, job_id, {"running"}, timeout=600)
+        for _ in range(2):
+            send_train_task(chaos.env, job_id)
+        deadline = time.monotonic() + 60
+        while chaos.log("b").count("'skipped'") + chaos.log("c").count("'skipped'") < 2:
+            assert time.monotonic() < deadline, "the duplicates were not consumed"
+            time.sleep(0.3)
+        assert _types(api, job_id).count("started") == 1, "never two runs of one job"
 
-    job = wait_for(api, job_id, check=lambda j: j["progress"]["step"] >= 3, timeout=600)
-    started = [e for e in events(api, job_id) if e["type"] == "started"][-1]
-    child = int(started["data"]["worker"].rsplit(":", 1)[1])  # the training process
-    assert child in children(worker_b.pid) + children(chaos.procs["c"].pid)
-    os.kill(child, signal.SIGKILL)
-    done = wait_for(api, job_id, timeout=600)
-    assert done["status"] == "succeeded", done["error"]
-    assert done["attempts"] == 2 and done["progress"]["step"] == 5 and job["attempts"] == 1
-    assert _types(api, job_id).count("started") == 2
-    chaos.stop("c")
+        job = wait_for(api, job_id, check=lambda j: j["progress"]["step"] > EVERY, timeout=600)
+        started = [e for e in events(api, job_id) if e["type"] == "started"][-1]
+        child = int(started["data"]["worker"].rsplit(":", 1)[1])  # the training process
+        assert child in children(worker_b.pid) + children(chaos.procs["c"].pid)
+        os.kill(child, signal.SIGKILL)
+        done = wait_for(api, job_id, timeout=600)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2 and done["progress"]["step"] == STEPS and job["attempts"] == 1
+        assert _types(api, job_id).count("started") == 2
+    finally:  # the next test expects worker b alone
+        chaos.stop("c")
 
 
 def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_adapter(
@@ -114,7 +121,7 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_adapter(
     from safetensors.torch import load_file
 
     worker = chaos.procs.get("b") or chaos.worker("b")
-    job_id = _submit(api, quotes[:16], 5)
+    job_id = _submit(api, quotes[:16], STEPS)
     wait_for(api, job_id, check=lambda j: j["progress"]["step"] >= 2, timeout=600)
     stopped = time.monotonic()
     worker.send_signal(signal.SIGTERM)
@@ -124,27 +131,32 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_the_same_adapter(
     job = api.get(f"/jobs/{job_id}").json()
     assert job["status"] == "queued" and job["attempts"] == 1, job
     requeue = next(e for e in events(api, job_id) if e["type"] == "requeued")
-    assert requeue["data"]["reason"] == "preempted" and 2 <= requeue["data"]["step"] < 5
+    assert requeue["data"]["reason"] == "preempted" and 2 <= requeue["data"]["step"] < STEPS
 
     chaos.worker("d")
     done = wait_for(api, job_id, timeout=600)
     assert done["status"] == "succeeded", done["error"]
-    assert done["attempts"] == 1 and done["progress"]["step"] == 5
+    assert done["attempts"] == 1 and done["progress"]["step"] == STEPS
     resumed = next(e for e in events(api, job_id) if e["type"] == "resumed")
     assert resumed["data"]["step"] == requeue["data"]["step"], "resumed exactly where it stopped"
 
     # the same job, uninterrupted: the same steps, losses and adapter
-    twin = _submit(api, quotes[:16], 5)
+    twin = _submit(api, quotes[:16], STEPS)
     assert wait_for(api, twin, timeout=600)["status"] == "succeeded"
     series = {s["step"]: s["loss"] for s in api.get(f"/jobs/{job_id}/metrics").json()["data"] if "loss" in s}
     twin_series = {s["step"]: s["loss"] for s in api.get(f"/jobs/{twin}/metrics").json()["data"] if "loss" in s}
-    assert sorted(series) == sorted(twin_series) == list(range(1, 6))
-    assert all(abs(series[k] - twin_series[k]) <= 1e-4 * abs(twin_series[k]) for k in series), (series, twin_series)
+    assert sorted(series) == sorted(twin_series) == list(range(1, STEPS + 1))
+    rel = {k: abs(series[k] - twin_series[k]) / abs(twin_series[k]) for k in series}
+    print(f"SIGTERM: per-step loss vs uninterrupted: largest relative difference {max(rel.values()):.1e} "
+          f"at step {max(rel, key=rel.__getitem__)} (resumed at {resumed['data']['step']})")
+    assert max(rel.values()) <= 1e-6, {k: (series[k], twin_series[k]) for k in series if rel[k] > 1e-6}
     adapters = Path(chaos.env["FTAAS_DATA_DIR"]) / "adapters"
     a, b = (load_file(adapters / j / "adapter_model.safetensors") for j in (job_id, twin))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     scale = max(float(b[k].abs().max()) for k in b)
-    print(f"SIGTERM: resumed adapter vs uninterrupted: max abs difference {worst:.2e} (largest weight {scale:.2e})")
-    assert worst <= 1e-2 * scale
+    drift = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5 / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+    print(f"SIGTERM: resumed adapter vs uninterrupted: max abs difference {worst:.2e} (largest weight {scale:.2e}), "
+          f"relative norm of the difference {drift:.1e}")
+    assert worst <= 1e-6 * scale, "the resumed job's adapter is the uninterrupted one's (bitwise, seen)"
     json.dumps(done)  # the job record stays plain JSON

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from app.settings import Settings
 from worker.errors import UserFacingError
-from worker.inference import Engine, _no_cpu_4bit_packing, generate_texts
+from worker.inference import Engine, generate_texts
 from worker.models import builtin_path, load_model, load_tokenizer
 from worker.multi_lora import TARGETS
 
@@ -152,7 +152,6 @@ def test_gemma3_270m_matches_peft_generate_alone_and_batched(tmp_path: Path) -> 
     tok = load_tokenizer("gemma-3-270m", settings)
     model = load_model("gemma-3-270m", "nf4", settings)
     model.eval()
-    _no_cpu_4bit_packing(model)
     base_ref = [generate_texts(model, tok, [p], 8)[0]["text"] for p in prompts]
     peft = PeftModel.from_pretrained(model, str(settings.adapter_dir / adapter))
     peft.eval()

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from app.schemas import JobCreate
 from app.settings import Settings
 from tests.test_formats import CHAT_ROWS, PC_ROWS
 from tests.test_trainer import Recorder
-from worker.fast_train import FastSFTTrainer, label_tokens, micro_batches, split_batch
+from worker.fast_train import FastSFTTrainer, compile_decoder_layers, label_tokens, micro_batches, split_batch
 from worker.trainer import build_trainer
 
 
@@ -130,3 +131,45 @@ def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path
         if p.requires_grad:
             torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6)
 
+
+
+def test_compiled_layers_run_in_training_only_and_fall_back_to_eager(tmp_path: Path, quotes: list[dict[str, Any]],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_decoder_layers`` (GPU only in the trainer) with torch.compile stubbed: training forwards go through
+    the compiled callable, evaluation and no-grad forwards do not, and a compiled call that raises leaves the
+    layers eager with the same loss."""
+    settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_compile_min_examples=1)
+    trainer, _, _, _ = build_trainer(_payload(quotes[:16], batch_size=4, gradient_accumulation_steps=1),
+                                     Recorder(), settings, str(tmp_path / "run"))
+    model = trainer.model
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and not any("forward" in vars(m) for m in layers)  # the CPU never compiles
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    calls = {"compiled": 0, "fail": False}
+
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        assert kwargs.get("dynamic") is True
+
+        def run(*args: Any, **kw: Any) -> Any:
+            calls["compiled"] += 1
+            if calls["fail"]:
+                raise RuntimeError("compiler bug")
+            return fn(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    eager_loss = float(trainer.training_step(model, dict(batch)))
+    assert compile_decoder_layers(model) == len(layers)
+    model.train()
+    assert float(trainer.training_step(model, dict(batch))) == pytest.approx(eager_loss, rel=1e-6)
+    assert calls["compiled"] == len(layers)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert calls["compiled"] == len(layers)  # evaluation and no-grad forwards stay eager
+    calls["fail"] = True
+    assert float(trainer.training_step(model, dict(batch))) == pytest.approx(eager_loss, rel=1e-6)
+    assert calls["compiled"] == len(layers) + 1  # one failed call, then eager for good

@@ -73,3 +73,29 @@ def test_template_field_missing_is_a_user_error(settings: Settings, tmp_path: Pa
     with pytest.raises(UserFacingError) as e:
         train(payload, tmp_path / "x", Recorder(), settings)
     assert e.value.code == "template_field_missing" and "'year'" in e.value.message
+
+
+def test_preempted_then_resumed_adapter_equals_the_uninterrupted_one(tmp_path: Path,
+                                                                    quotes: list[dict[str, Any]]) -> None:
+    """Preempted (checkpoint at step 5), resumed in a new trainer to step 12 (past an epoch of 8 steps): the
+    adapter is bitwise the uninterrupted run's. Two things broke this on the CPU before: bitsandbytes' weight
+    repacking at the first no-grad forward (the adapter is loaded after it on resume) and peft's fp32 upcast
+    of the reloaded LoRA weights (trl trains them in bf16 over an NF4 base)."""
+    from safetensors.torch import load_file
+
+    settings = Settings(data_dir=tmp_path, device="cpu", checkpoint_interval=4)
+    payload = _payload(quotes[:16], max_steps=12, seed=7)
+    train(payload, tmp_path / "whole", Recorder(), settings)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    first = Recorder()
+    stopped = train(payload, tmp_path / "resumed", first, settings, checkpoint_dir=ckpt,
+                    preempt=lambda: len(first.steps) >= 4)
+    # asked once step 4 is reported (the Trainer logs a step after its step-end hooks): stops after step 5
+    assert stopped.preempted and stopped.steps == 5 and not (tmp_path / "resumed").exists()
+    second = Recorder()
+    done = train(payload, tmp_path / "resumed", second, settings, checkpoint_dir=ckpt)
+    assert done.steps == 12 and second.steps == list(range(6, 13)) and "resumed" in second.events
+    whole, resumed = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys()
+    assert all(bool((whole[k] == resumed[k]).all()) for k in whole)

@@ -27,19 +27,6 @@ from worker.models import load_model, load_tokenizer, pick_device
 log = logging.getLogger("ftaas.inference")
 
 
-def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
-    """Keep bitsandbytes from repacking NF4 weights for the CPU at the first no-grad forward.
-
-    On CPUs with AVX512-BF16, bnb 0.50.2 repacks the weights in place; peft adapters loaded after
-    that (peft 0.21.2) then produce garbage, and the base model too once they are loaded. The packed
-    path is faster (gemma-3-270m, 32 greedy tokens here: 1.38 s vs 2.37 s), but correct output with
-    adapters coming and going matters more. GPUs are not affected.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
-
-
 def dequantize_nf4(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every bitsandbytes Linear4bit by a plain Linear holding its dequantized weight (once).
 
@@ -101,8 +88,7 @@ class Engine:
         device = pick_device(s)
         tokenizer = load_tokenizer(name, s)
         model = load_model(name, quantization, s)
-        model.eval()
-        _no_cpu_4bit_packing(model)
+        model.eval()  # (on the CPU, load_model turned bitsandbytes' weight repacking off)
         weights = s.serve_weights if s.serve_weights != "auto" else ("bf16" if device == "cuda" else "nf4")
         if weights == "bf16" and quantization == "nf4":
             log.info("dequantized %d NF4 layers of %s for serving", dequantize_nf4(model, model.dtype), name)

@@ -163,7 +163,24 @@ def load_model(name: str, quantization: str, settings: Settings) -> PreTrainedMo
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=dtype, device_map={"": 0} if device == "cuda" else None, **kwargs
     )
+    if device == "cpu":
+        _no_cpu_4bit_packing(model)
     return model
+
+
+def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking NF4 weights for the CPU at the first no-grad forward.
+
+    On CPUs with AVX512-BF16, bnb 0.50.2 repacks the weights in place; peft adapters loaded after that
+    (peft 0.21.2) then compute with wrong numbers: the engine's adapters gave garbage, and a training job
+    resumed from a checkpoint (its adapter loaded after the evaluation before training) trained on from
+    different gradients (tiny-gemma: grad norms 1.5x an uninterrupted run's; bitwise equal without the
+    packing, tests/test_trainer.py). The packed path is faster (gemma-3-270m, 32 greedy tokens: 1.38 s vs
+    2.37 s), but correct numbers with adapters coming and going matter more. GPUs are not affected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 if __name__ == "__main__":  # python -m worker.models NAME...: materialise built-in models ahead of time

@@ -303,12 +303,12 @@ def generate(request: dict[str, Any], enqueued_at: float, stream_id: str | None 
         raise e
     result["timing"]["queue_ms"] = round(queue_ms, 1)
     cache = result.pop("adapter_cache", None)
-    if relay:
-        relay.flush(("done", result))
-    if cache:  # counted for /metrics; a failed count never fails the generation
-        try:
+    if cache:  # counted for /metrics before the answer leaves (a client may read /metrics next); a failed
+        try:   # count never fails the generation
             _store = _store or JobStore.from_url(get_settings().redis_url, get_settings().redis_prefix)
             _store.incr_stat("adapter_hits" if cache == "hit" else "adapter_loads")
         except Exception:
             log.warning("could not count adapter cache %s", cache, exc_info=True)
+    if relay:
+        relay.flush(("done", result))
     return {"result": result}

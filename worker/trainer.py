@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,10 +32,10 @@ from trl import SFTConfig, SFTTrainer
 
 from app.settings import Settings
 from worker import checkpoints
-from worker.checkpoints import CheckpointCallback
+from worker.checkpoints import CheckpointCallback, KeepAdapterDtypeOnResume
 from worker.data import PreparedData, prepare
 from worker.errors import UserFacingError
-from worker.fast_train import FastSFTTrainer, auto_token_budget, dequantize_nf4
+from worker.fast_train import FastSFTTrainer, auto_token_budget, compile_decoder_layers, dequantize_nf4
 from worker.inference import generate_texts
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 
@@ -70,10 +71,11 @@ class _ProgressCallback(TrainerCallback):
         self.cancelled = False
         self.losses: list[float] = []
         self.t0 = time.monotonic()
+        self.step0 = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self.t0 = time.monotonic()
+        self.t0, self.step0 = time.monotonic(), state.global_step  # a resumed run starts at its checkpoint
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -96,7 +98,8 @@ class _ProgressCallback(TrainerCallback):
         self.losses.append(metrics["loss"])
         point |= {"loss": metrics["loss"], "learning_rate": metrics.get("learning_rate"),
                   "tokens_seen": int(logs["num_tokens"]) if "num_tokens" in logs else None}
-        eta = round((time.monotonic() - self.t0) / step * (total - step), 1) if step else None
+        done = step - self.step0  # steps this process ran: the ETA's rate is theirs, also after a resume
+        eta = round((time.monotonic() - self.t0) / done * (total - step), 1) if done > 0 else None
         self.reporter.progress(step, total, eta, metrics, point)
 
 
@@ -154,6 +157,14 @@ def _token_stats(data: PreparedData, tokenizer: PreTrainedTokenizerBase, max_len
             "over_max_length": sum(n > max_length for n in lengths)}
 
 
+class _Trainer(KeepAdapterDtypeOnResume, SFTTrainer):
+    pass
+
+
+class _FastTrainer(KeepAdapterDtypeOnResume, FastSFTTrainer):
+    pass
+
+
 def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Settings,
                   output_dir: str) -> tuple[SFTTrainer, PreparedData, _ProgressCallback, dict[str, float]]:
     """Data, tokenizer, NF4 model and the SFTTrainer for a job, ready to train (tests inspect it)."""
@@ -189,12 +200,33 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
     extra: dict[str, Any] = {"token_budget": auto_token_budget(
         model, device, hp["gradient_checkpointing"], settings.train_memory_gib, settings.train_token_budget)} \
         if fast else {}
-    trainer = (FastSFTTrainer if fast else SFTTrainer)(
+    trainer = (_FastTrainer if fast else _Trainer)(
         model=model, args=_config(hp, device, output_dir, data, fast), train_dataset=data.train,
         eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
         **extra,
     )
+    examples = hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"]
+    if (fast and device == "cuda" and not hp["gradient_checkpointing"] and settings.train_compile_min_examples
+            and examples >= settings.train_compile_min_examples):
+        log.info("compiled %d decoder layers for training", compile_decoder_layers(trainer.model))  # type: ignore[arg-type]
     return trainer, data, callback, seconds
+
+
+def _base_only(trainer: SFTTrainer) -> AbstractContextManager[Any]:
+    """Before training LoRA's B matrices are still zero (peft's default init; a resumed checkpoint is loaded
+    inside ``trainer.train``), so the adapted model computes exactly the base's numbers: skip the LoRA branches
+    (about a third of the launches of each forward) for the evaluation and samples before training."""
+    disable = getattr(trainer.model, "disable_adapter", None)
+    return disable() if callable(disable) else nullcontext()
+
+
+def _final_eval_loss(trainer: SFTTrainer) -> float | None:
+    """The eval loss the Trainer measured at the last step, if it evaluated there (the weights are final)."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == step:
+            return float(entry["eval_loss"])
+    return None
 
 
 def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seed: int) -> list[str]:
@@ -226,9 +258,10 @@ def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: 
         prompts = _prompt_texts(data, tokenizer)  # type: ignore[arg-type]
         t = time.monotonic()
         evaluation: dict[str, Any] = {}
-        if data.validation is not None:
-            evaluation["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-        before = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]  # LoRA B starts at 0: the base
+        with _base_only(trainer):
+            if data.validation is not None:
+                evaluation["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            before = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]
         seconds["eval"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -244,7 +277,8 @@ def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: 
 
         t = time.monotonic()
         if data.validation is not None:
-            evaluation["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            final = _final_eval_loss(trainer)  # the periodic evals end at the last step when it is a multiple
+            evaluation["eval_loss_after"] = final if final is not None else trainer.evaluate()["eval_loss"]
             before_loss = evaluation["eval_loss_before"]
             evaluation["relative_change"] = round((evaluation["eval_loss_after"] - before_loss) / before_loss, 4)
         after = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]
