@@ -182,20 +182,16 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
     timed = {"samples": 0.0, "build": 0.0}
     samples, build = worker.trainer._samples, worker.trainer.build_trainer
 
-    def timed_samples(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.monotonic()
-        try:
-            return samples(*args, **kwargs)
-        finally:
-            timed["samples"] += time.monotonic() - t0
+    def timing(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timed[name] += time.monotonic() - t0
+        return wrapped
 
-    def timed_build(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.monotonic()
-        try:
-            return build(*args, **kwargs)
-        finally:
-            timed["build"] += time.monotonic() - t0
-
+    timed_samples, timed_build = timing("samples", samples), timing("build", build)
     worker.trainer._samples, worker.trainer.build_trainer = timed_samples, timed_build  # type: ignore[assignment]
     payload = payload_for(rows, hp, None)
     job_id = "job_" + uuid.uuid4().hex[:22]
