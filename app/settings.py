@@ -48,10 +48,20 @@ class Settings(BaseSettings):
 
     # -- training speed (README "Training speed"; worker/fast_train.py) ----------------------------
     train_fast_path: bool = Field(
-        True, description="Run each step's effective batch as length-grouped token-budgeted micro-batches."
+        True, description="Run each step's effective batch as one Trainer batch in token-budgeted pieces "
+        "(worker/fast_train.py)."
     )
     train_token_budget: int = Field(
-        0, ge=0, le=1_048_576, description="Padded tokens per micro-batch; 0: from free GPU memory (CPU: 4096)."
+        0, ge=0, le=1_048_576, description="Tokens per packed bin (padded tokens per micro-batch without packing); "
+        "0: from free GPU memory (CPU: 2048)."
+    )
+    train_packing: bool = Field(
+        True, description="Fast path: pack each step's examples into bins with a block-diagonal causal mask "
+        "(no example attends to another) instead of padded micro-batches."
+    )
+    train_cuda_graphs: bool = Field(
+        True, description="Fast path with packing on CUDA, no gradient checkpointing: capture each bin size's "
+        "forward + backward as a CUDA graph once and replay it (worker/cuda_graphs.py)."
     )
     train_memory_gib: float = Field(20.0, gt=0, description="GPU memory the token budget may plan for.")
     train_dequantize: bool = Field(

@@ -13,6 +13,11 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
 * ``steady-b2k``      ``steady`` with a 2,048-token budget instead of the one picked from free memory.
 * ``steady-eager``    ``steady`` with eager attention instead of SDPA; ``steady-tf32``: TF32 matmuls allowed.
 * ``steady-2``        ``steady`` again, warm (the first fast variant of a process pays the first-use warm-up).
+* ``steady-nograph``  ``steady`` with the packed bins run eagerly (no CUDA graphs: ``train_cuda_graphs=False``).
+* ``steady-padded``   ``steady`` with padded, length-grouped micro-batches instead of packed bins (the T1-T4 path).
+* ``steady-p1k``      ``steady`` with 1,024-token bins; ``-p2k``, ``-p3k``, ``-p4k``: 2,048, 3,072, 4,096.
+* ``graph-check``     one step of 256 examples with random LoRA weights, through the graphs and eagerly: the
+                      relative difference of the LoRA gradients and of the loss (not a throughput row).
 * ``steady-compile``  ``steady`` with each decoder layer compiled (``train_compile_min_examples=1``); its first step
                       pays the compile (the "first step s" column).
 * ``profile``         5 steps of ``steady`` with torch.profiler over steps 4-5 (top ops printed, ``profile.txt``).
@@ -161,6 +166,8 @@ def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], setti
         "train_s": train_s, "tokens": tokens[-1] if tokens else None, "final_loss": logs[-1]["loss"] if logs else None,
         "token_budget": getattr(trainer, "token_budget", None),
         "micro_batches_per_step": statistics.mean(getattr(trainer, "micro_batch_counts", [0]) or [0]),
+        "capture_s": getattr(getattr(trainer, "_runner", None), "capture_seconds", None),
+        "graphs": len(getattr(getattr(trainer, "_runner", None), "graphs", {})),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
     if tokens:
@@ -221,6 +228,40 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
         r["samples_per_s"] = r["examples"] / outcome.seconds["train"]
         r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
     return r
+
+
+def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Settings, work: Path) -> dict[str, Any]:
+    """One training step of the same batch through the captured graphs and through the eager packed path."""
+    from worker.fast_train import EagerSteps
+
+    free_gpu()
+    trainer, *_ = worker.trainer.build_trainer(payload_for(rows, hp, 0.0), RecordingReporter(), settings,
+                                               str(work / "graph-check"))
+    model = trainer.model
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # LoRA B starts at zero (and then A gets no gradient): make every LoRA weight matter
+        torch.nn.init.normal_(p, std=0.02)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(hp["batch_size"])])
+    out: dict[str, Any] = {}
+    grads = []
+    for runner in ("graphs", "eager", "eager-again"):
+        model.zero_grad()
+        if runner == "eager":
+            trainer._runner = EagerSteps(trainer._runner.loss_fn, trainer._runner.device)
+        loss = float(trainer.training_step(model, dict(batch)))
+        if runner == "graphs":  # replay once more: a replay of a captured graph, not only the capture's warm-up
+            model.zero_grad()
+            loss = float(trainer.training_step(model, dict(batch)))
+            out["graphs"] = len(getattr(trainer._runner, "graphs", {}))
+        out[f"loss_{runner}"] = loss
+        grads.append(torch.cat([p.grad.float().flatten() for p in params]))
+    out["grad_rel_diff"] = float((grads[0] - grads[1]).norm() / grads[1].norm())
+    out["grad_rel_diff_eager_twice"] = float((grads[2] - grads[1]).norm() / grads[1].norm())  # run-to-run noise
+    out["loss_rel_diff"] = abs(out["loss_graphs"] - out["loss_eager"]) / abs(out["loss_eager"])
+    log(f"graph check: {json.dumps(out)}")
+    del trainer, model
+    return out
 
 
 def check_dequant(settings: Settings) -> bool:
@@ -300,6 +341,14 @@ def main() -> int:
          Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-2", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-nograph", steady_hp, Settings(device=device, data_dir=work / "data", train_cuda_graphs=False,
+                                               **tiny_budget)),
+        ("steady-padded", steady_hp, Settings(device=device, data_dir=work / "data", train_packing=False,
+                                              **tiny_budget)),
+        ("steady-p1k", steady_hp, Settings(device=device, data_dir=work / "data", train_token_budget=1024)),
+        ("steady-p2k", steady_hp, Settings(device=device, data_dir=work / "data", train_token_budget=2048)),
+        ("steady-p3k", steady_hp, Settings(device=device, data_dir=work / "data", train_token_budget=3072)),
+        ("steady-p4k", steady_hp, Settings(device=device, data_dir=work / "data", train_token_budget=4096)),
         ("steady-compile", steady_hp, Settings(device=device, data_dir=work / "data", train_compile_min_examples=1,
                                                **tiny_budget)),
         ("steady-nf4", steady_hp, Settings(device=device, data_dir=work / "data", train_dequantize=False,
@@ -312,13 +361,15 @@ def main() -> int:
         ("profile", steady_hp | {"max_steps": 5}, Settings(device=device, data_dir=work / "data", **tiny_budget)),
     ]
     jobs_plan = {"job": fast, "job-compile": Settings(device=device, data_dir=work / "data",
-                                                      train_compile_min_examples=1)}
+                                                      train_compile_min_examples=1),
+                 "job-nograph": Settings(device=device, data_dir=work / "data", train_cuda_graphs=False)}
     by_name = {name: (hp, settings) for name, hp, settings in plan}
     order = [n for n in a.only.split(",") if n] or [*by_name, *jobs_plan]
     results: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     errors: list[str] = []
     dequant_ok: bool | None = None
+    graph_check: dict[str, Any] | None = None
     if not a.no_dequant_check:
         try:
             dequant_ok = check_dequant(fast)
@@ -330,6 +381,10 @@ def main() -> int:
             errors.append(f"{name}: skipped (deadline)")
             continue
         try:
+            if name == "graph-check":
+                graph_check = check_graphs(rows, steady_hp, Settings(device=device, data_dir=work / "data",
+                                                                     **tiny_budget), work)
+                continue
             if name in jobs_plan:
                 job = run_job(rows if not a.tiny else rows[:60], jobs_plan[name], nparams,
                               {"max_steps": 2} if a.tiny else {}, name)
@@ -349,20 +404,22 @@ def main() -> int:
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "train_bench.json").write_text(json.dumps(
-            {"results": results, "jobs": jobs, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok},
+            {"results": results, "jobs": jobs, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok,
+             "graph_check": graph_check},
             indent=1, default=str))
     ref = next((r.get("tokens_per_s") for r in results if r["variant"] == "notebook"), None)
     log("\nTABLE")
     log(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu (--tiny)'}; model "
         f"{'tiny Gemma' if a.tiny else HUB_ID + ' architecture'}, random weights, {nparams / 1e9:.3f} B params, "
         f"NF4; defaults: {json.dumps({k: defaults[k] for k in ('max_steps', 'batch_size', 'gradient_accumulation_steps', 'learning_rate', 'gradient_checkpointing')})}")  # noqa: E501
-    log("| variant | steps x examples/step | token budget (micro-batches/step) | train s | first step s | tokens/s "
-        "| steady tok/s | samples/s | peak GiB | MFU | final loss | x notebook |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    log("| variant | steps x examples/step | token budget (micro-batches/step) | train s | first step s | graphs "
+        "(capture s) | tokens/s | steady tok/s | samples/s | peak GiB | MFU | final loss | x notebook |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         per = r["examples"] // max(1, r["steps"])
         log(f"| {r['variant']} | {r['steps']} x {per} | {r['token_budget'] or '-'} ({r['micro_batches_per_step']:.1f}) "
-            f"| {r['train_s']:.2f} | {_f(r.get('first_step_s'), 2)} | {_f(r.get('tokens_per_s'), 0)} "
+            f"| {r['train_s']:.2f} | {_f(r.get('first_step_s'), 2)} | {r['graphs']} ({_f(r['capture_s'], 2)}) "
+            f"| {_f(r.get('tokens_per_s'), 0)} "
             f"| {_f(r.get('steady_tokens_per_s'), 0)} "
             f"| {_f(r.get('samples_per_s'), 1)} | {_f(r['peak_gib'], 2)} | {_pct(r.get('mfu'))} "
             f"| {_f(r['final_loss'], 4)} | {_f(r.get('tokens_per_s', 0) / ref if ref else None, 1)} |")
@@ -381,6 +438,7 @@ def main() -> int:
                 f"| {_f(job['peak_gib'], 2)} | {_f(ev.get('eval_loss_before'), 4)} / "
                 f"{_f(ev.get('eval_loss_after'), 4)} | {'yes' if job['adapter_ok'] else 'NO'} |")
     log("check: dequantised NF4 weights equal bnb's dequantize_4bit:", dequant_ok)
+    log("check: CUDA graphs vs eager, one step:", json.dumps(graph_check))
     log("errors:", "; ".join(errors) if errors else "none")
     return 1 if errors else 0
 

@@ -1,5 +1,6 @@
 """The fast training path against the notebook's recipe on tiny-gemma: the same examples in each optimizer step,
-the same label and attention masks (completion-only and assistant-only included), the same loss."""
+the same label and attention masks (completion-only and assistant-only included), the same loss; packed bins
+(worker/packing.py) and padded micro-batches alike."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from app.settings import Settings
 from tests.test_formats import CHAT_ROWS, PC_ROWS
 from tests.test_trainer import Recorder
 from worker.fast_train import FastSFTTrainer, compile_decoder_layers, label_tokens, micro_batches, split_batch
+from worker.packing import IGNORE, PackedBin, block_causal_mask
 from worker.trainer import build_trainer
 
 
@@ -53,11 +55,34 @@ def _examples(batch: dict[str, torch.Tensor], tok: Any) -> list[tuple[str, str, 
     return out
 
 
-def _train(rows: list[dict[str, Any]], fast: bool, tmp: Path, budget: int, **hp: Any) -> tuple[Any, Recorder, Any]:
-    settings = Settings(data_dir=tmp, device="cpu", train_fast_path=fast, train_token_budget=budget)
+def _unpacked(bins: list[PackedBin], tok: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Each example of the packed bins: decoded input and its next-token targets (-100: not scored)."""
+    out = []
+    for b in bins:
+        for (ids, positions, segments, targets), real in zip(b.data.unbind(dim=1), b.row_tokens, strict=True):
+            for seg in segments[:real].unique().tolist():
+                at = (segments[:real] == seg).nonzero().flatten()
+                assert positions[at].tolist() == list(range(len(at))), "positions restart at 0 for every example"
+                assert targets[at[-1]] == IGNORE, "an example's last token scores nothing"
+                out.append((tok.decode(ids[at]), tuple(targets[at[:-1]].tolist())))
+            assert (targets[real:] == IGNORE).all()
+    return out
+
+
+def _padded_examples(batch: dict[str, torch.Tensor], tok: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """The notebook's rows in the same form: next-token targets are the labels shifted by one."""
+    return [(text, labels[1:]) for text, _, labels in _examples(batch, tok)]
+
+
+def _train(rows: list[dict[str, Any]], fast: bool, tmp: Path, budget: int, packing: bool = True,
+           **hp: Any) -> tuple[Any, Recorder, Any]:
+    settings = Settings(data_dir=tmp, device="cpu", train_fast_path=fast, train_token_budget=budget,
+                        train_packing=packing)
     rec = Recorder()
     trainer, _, _, _ = build_trainer(_payload(rows, **hp), rec, settings, str(tmp / ("fast" if fast else "nb")))
     seen = _record(trainer)
+    if fast:
+        trainer.bins_seen = []
     trainer.train()
     return trainer, rec, seen
 
@@ -80,11 +105,35 @@ def test_fast_path_sees_the_same_examples_masks_and_loss_per_step(tmp_path: Path
                                                                    kind: str) -> None:
     rows = {"template": quotes[:24], "prompt_completion": PC_ROWS, "messages": CHAT_ROWS}[kind]
     nb, nb_rec, nb_seen = _train(rows, False, tmp_path, 0)
-    fast, fast_rec, fast_seen = _train(rows, True, tmp_path, 40)  # a small budget: several micro-batches a step
+    fast, fast_rec, fast_seen = _train(rows, True, tmp_path, 64)  # a small budget: several bins a step
     assert isinstance(fast, FastSFTTrainer) and not isinstance(nb, FastSFTTrainer)
     assert nb_rec.steps == fast_rec.steps == [1, 2, 3]
     assert len(nb_seen) == 12 and fast.args.gradient_accumulation_steps == 1
+    assert not fast_seen, "packed steps do not go through trl's padded compute_loss"
+    assert len(fast.bins_seen) == 3 and max(fast.micro_batch_counts) > 1
+    tok = nb.processing_class
+    for step in range(3):
+        want = sorted(e for b in nb_seen[4 * step:4 * step + 4] for e in _padded_examples(b, tok))
+        got = sorted(_unpacked(fast.bins_seen[step], tok))
+        assert got == want, f"step {step + 1}: different examples or targets"
+        for b in fast.bins_seen[step]:
+            assert b.data[0].numel() <= 64 or b.shape[0] == 1  # the token budget held (or one long row)
+    if kind != "template":  # completion-only / assistant-only: some tokens of every example carry no label
+        assert all(-100 in targets for bins in fast.bins_seen for _, targets in _unpacked(bins, tok))
+    # same examples, same per-token mean over the effective batch: the same losses, up to float order
+    nb_loss = [p["loss"] for p in nb.state.log_history if "loss" in p]
+    fast_loss = [p["loss"] for p in fast.state.log_history if "loss" in p]
+    assert fast_loss == pytest.approx(nb_loss, rel=2e-3), (fast_loss, nb_loss)
+    nb_tokens = [p["num_tokens"] for p in nb.state.log_history if "loss" in p]
+    assert [p["num_tokens"] for p in fast.state.log_history if "loss" in p] == nb_tokens
+
+
+def test_padded_micro_batches_see_the_same_examples_and_loss(tmp_path: Path, quotes: list[dict[str, Any]]) -> None:
+    """``train_packing=False``: length-grouped padded micro-batches through trl's compute_loss."""
+    nb, _, nb_seen = _train(quotes[:24], False, tmp_path, 0)
+    fast, _, fast_seen = _train(quotes[:24], True, tmp_path, 40, packing=False)
     assert len(fast_seen) == sum(fast.micro_batch_counts) and max(fast.micro_batch_counts) > 1
+    assert fast.bins_seen == []
     tok = nb.processing_class
     starts = [sum(fast.micro_batch_counts[:i]) for i in range(4)]
     for step in range(3):
@@ -93,22 +142,27 @@ def test_fast_path_sees_the_same_examples_masks_and_loss_per_step(tmp_path: Path
         assert got == want, f"step {step + 1}: different examples or masks"
         for b in fast_seen[starts[step]:starts[step + 1]]:
             assert b["input_ids"].numel() <= 40 or b["input_ids"].shape[0] == 1  # the token budget held
-    if kind != "template":  # completion-only / assistant-only: some tokens of every example carry no label
-        assert all(-100 in e[2] for b in fast_seen for e in _examples(b, tok))
-    # same examples, same per-token mean over the effective batch: the same losses, up to float order
     nb_loss = [p["loss"] for p in nb.state.log_history if "loss" in p]
     fast_loss = [p["loss"] for p in fast.state.log_history if "loss" in p]
     assert fast_loss == pytest.approx(nb_loss, rel=2e-3), (fast_loss, nb_loss)
 
 
-def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path,
-                                                                   quotes: list[dict[str, Any]]) -> None:
-    """Unquantized (fp32) so the comparison is tight: the split, per-token-mean loss of the fast step equals the
-    plain full-logits cross-entropy of the whole batch, and so do the LoRA gradients."""
-    settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_token_budget=48)
+@pytest.mark.parametrize(("packing", "model"), [(True, "tiny-gemma"), (False, "tiny-gemma"),
+                                                (True, "gemma-3-270m")])
+def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path, quotes: list[dict[str, Any]],
+                                                                   packing: bool, model: str) -> None:
+    """Unquantized so the comparison is tight: the packed (or split) per-token-mean loss of the fast step equals
+    the plain full-logits cross-entropy of the padded batch, and so do the LoRA gradients. Packed runs in float64:
+    packing is exact, and in fp32 its different attention kernels alone move gemma-3-270m's gradients by about
+    7e-5 (relative norm). gemma-3-270m mixes sliding-window and full attention layers (a mask per layer type)."""
+    settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_token_budget=48,
+                        train_packing=packing)
     payload = _payload(quotes[:16], quantization="none", batch_size=8, gradient_accumulation_steps=1)
+    payload["base_model"] = model
     trainer, _, _, _ = build_trainer(payload, Recorder(), settings, str(tmp_path / "run"))
     model = trainer.model
+    if packing:
+        model.double()
     for p in model.parameters():  # LoRA B starts at zero; make every LoRA weight matter
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
@@ -116,20 +170,24 @@ def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path
     assert len(split_batch(batch, 48)) > 1
 
     model.zero_grad()
+    trainer.bins_seen = []
     fast_loss = trainer.training_step(model, dict(batch))
+    assert len(trainer.bins_seen) == (1 if packing else 0) and trainer.micro_batch_counts[-1] > 1
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    wide = torch.promote_types(logits.dtype, torch.float32)
     labels = batch["labels"][:, 1:]
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(wide),
                                             labels.reshape(-1), ignore_index=-100, reduction="sum")
     ref = ref / label_tokens(batch["labels"])
     ref.backward()
-    assert float(fast_loss) == pytest.approx(float(ref), rel=1e-5)
+    tol = {"rtol": 1e-9, "atol": 1e-12} if packing else {"rtol": 1e-4, "atol": 1e-6}
+    assert float(fast_loss) == pytest.approx(float(ref), rel=1e-9 if packing else 1e-5)
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(fast_grads[n], p.grad, **tol)
 
 
 
@@ -173,3 +231,44 @@ def test_compiled_layers_run_in_training_only_and_fall_back_to_eager(tmp_path: P
     calls["fail"] = True
     assert float(trainer.training_step(model, dict(batch))) == pytest.approx(eager_loss, rel=1e-6)
     assert calls["compiled"] == len(layers) + 1  # one failed call, then eager for good
+
+
+def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None:
+    from worker.packing import bin_rows, capacity_for, pack
+
+    lengths = [5, 3, 7, 2, 9, 40]
+    width = max(lengths)
+    ids = torch.zeros((6, width), dtype=torch.long)
+    mask = torch.zeros((6, width), dtype=torch.long)
+    labels = torch.full((6, width), -100)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(100 * (i + 1), 100 * (i + 1) + n)
+        mask[i, :n] = 1
+        labels[i, :n] = ids[i, :n]
+        labels[i, 0] = -100  # a prompt token: never a target
+    labels[1, :2] = -100
+    assert bin_rows(lengths[:5], 12) == [[4, 1], [2, 0], [3]]  # first fit, longest first: 9+3, 7+5, 2
+    assert capacity_for(40) == 64 and capacity_for(1024) == 1024 and capacity_for(1025) == 2048
+
+    one_row = pack(ids, mask, labels, budget=128, pad_id=0)  # no row width: each bin is one row
+    rows = pack(ids, mask, labels, budget=128, pad_id=0, row_width=16)  # rows 64 wide (the longest example's)
+    for bins in (one_row, rows):
+        assert sum(b.tokens for b in bins) == sum(lengths)
+        assert sum(b.targets for b in bins) == label_tokens(labels)
+    assert [b.shape for b in one_row] == [(1, 128)]
+    assert [b.shape for b in rows] == [(2, 64)]  # 40+9+7+5+3 | 2, a bin of two rows of 64
+    first = rows[0].data[:, 0]  # row 0: examples 5 (40 tokens), 4 (9), 2 (7), 0 (5), 1 (3)
+    assert first[0, 40:49].tolist() == list(range(500, 509))
+    assert first[1, :52].tolist() == list(range(40)) + list(range(9)) + [0, 1, 2]
+    assert first[2, 38:64].tolist() == [0] * 2 + [1] * 9 + [2] * 7 + [3] * 5 + [4] * 3
+    assert first[3, 40:49].tolist() == [*list(range(501, 509)), -100]
+    second = rows[0].data[:, 1]  # row 1: example 3 (2 tokens), then padding
+    assert second[0, :3].tolist() == [400, 401, 0] and second[2, :3].tolist() == [0, 0, 1]
+    assert second[3, :3].tolist() == [401, -100, -100]
+    m = block_causal_mask(rows[0].data[2])
+    assert m.shape == (2, 1, 64, 64)
+    m = m[0, 0]
+    assert m[41, 40] and not m[41, 39] and not m[40, 41] and m[39, 0] and not m[0, 1]  # causal, own example only
+    assert m.any(dim=1).all()  # every query (padding too) attends to something: no empty softmax row
+    w = block_causal_mask(rows[0].data[2], window=4)[0, 0]
+    assert w[44, 41] and not w[44, 40] and w[44, 44]

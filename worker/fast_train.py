@@ -1,22 +1,23 @@
-"""The fast training path: the whole effective batch per step, as length-grouped, token-budgeted micro-batches.
+"""The fast training path: each step's whole effective batch, packed into token-budgeted bins.
 
 Semantics (the same as the notebook's recipe, only grouped differently):
 
 * One optimizer step = one effective batch of ``batch_size x gradient_accumulation_steps`` examples, drawn by
   the Trainer's seeded random sampler exactly as the notebook's ``batch 1 x accumulation 4`` draws them (the
   permutation does not depend on the batch size), so ``max_steps`` means the same examples as before.
-* The Trainer sees that batch as one batch (accumulation 1). ``FastSFTTrainer.training_step`` sorts its rows by
-  length and cuts them into micro-batches of at most ``token_budget`` padded tokens (rows x longest row), trims
-  each to its own longest row and runs forward + backward on each. Rows are right-padded with a causal mask and
-  pads carry label -100: no example attends to another.
+* The Trainer sees that batch as one batch (accumulation 1). ``FastSFTTrainer.training_step`` packs its rows into
+  bins of at most ``token_budget`` tokens (worker/packing.py): whole examples back to back, position ids restarting
+  per example, a block-diagonal causal mask, so no example attends to another and each computes what it computes
+  alone; then forward + backward per bin (worker/packed_loss.py), replayed from a CUDA graph per bin size on the GPU
+  (worker/cuda_graphs.py). Without packing: length-grouped, right-padded micro-batches (``split_batch``).
 * Loss: the per-token mean over the effective batch (sum of token losses / label tokens of the whole step),
-  like trl's loss under gradient accumulation; each micro-batch contributes its sum / that count.
-* The logits are never materialised whole: trl's fused LM head (``compute_loss``) scores only labelled
-  positions, in tiles.
+  like trl's loss under gradient accumulation; each bin contributes its sum / that count.
+* The logits are never materialised whole: the packed loss runs the LM head in chunks (trl's fused LM head on
+  the padded path).
 
 GPU-only helpers: ``dequantize_nf4`` (bnb's own dequantisation through transformers, once, so the matmuls run
 in bf16 without a per-call dequantize), ``auto_token_budget`` (from free memory and the model's shape) and
-``compile_decoder_layers`` (regional ``torch.compile`` of each decoder layer for training: fewer, fused launches).
+``compile_decoder_layers`` (regional ``torch.compile`` of each decoder layer for training; opt-in).
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ import torch
 from transformers import PreTrainedModel
 from trl import SFTTrainer
 
+from worker.cuda_graphs import GraphedSteps
+from worker.packed_loss import PackedForward
+from worker.packing import CAPACITY_STEP, ROW_WIDTH, PackedBin, is_right_padded, pack
+
 log = logging.getLogger("ftaas.fast_train")
 
-CPU_TOKEN_BUDGET = 4096
+CPU_TOKEN_BUDGET = 2048
+PACK_MAX_TOKENS = 4096
 MIN_BUDGET, MAX_BUDGET = 256, 65_536
 
 
@@ -100,6 +106,15 @@ def auto_token_budget(model: PreTrainedModel, device: str, checkpointing: bool, 
     return max(MIN_BUDGET, min(MAX_BUDGET, budget))
 
 
+def pack_budget(budget: int, fixed: int = 0) -> int:
+    """A packed bin's token budget: ``fixed`` when set; else ``budget`` (from memory) as a multiple of the bin
+    capacity step, at most ``PACK_MAX_TOKENS``. Measured (RESULTS.md run T5, H200, gemma-2b shape, rows of 256,
+    CUDA graphs, 40 steps): 23,809 tokens/s with 3,072-token bins (16.4 GiB), 22,958 with 4,096 (19.5 GiB)."""
+    if fixed:
+        return fixed
+    return min(PACK_MAX_TOKENS, max(CAPACITY_STEP, budget // CAPACITY_STEP * CAPACITY_STEP))
+
+
 def dequantize_nf4(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """Replace every bnb ``Linear4bit`` with a plain Linear holding bnb's dequantised weight (transformers'
     ``dequantize``): the same values the NF4 forward dequantises on every call, computed once.
@@ -165,17 +180,80 @@ def _training_compiled(layer: torch.nn.Module, eager: Callable[..., Any], state:
     return forward
 
 
-class FastSFTTrainer(SFTTrainer):
-    """SFTTrainer whose training step runs the effective batch as token-budgeted micro-batches (see module doc)."""
+class EagerSteps:
+    """The packed bins' forward + backward run as they come (the CPU, and the GPU without CUDA graphs)."""
 
-    def __init__(self, *args: Any, token_budget: int = CPU_TOKEN_BUDGET, **kwargs: Any) -> None:
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device) -> None:
+        self.loss_fn, self.device = loss_fn, device
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def run(self, data: torch.Tensor, scale: float) -> None:
+        loss = self.loss_fn(data.to(self.device), torch.tensor(scale, dtype=torch.float64, device=self.device))
+        loss.backward()
+        self.loss = self.loss + loss.detach()
+
+    def take_loss(self) -> torch.Tensor:
+        out, self.loss = self.loss, torch.zeros_like(self.loss)
+        return out
+
+
+class FastSFTTrainer(SFTTrainer):
+    """SFTTrainer whose training step runs the effective batch packed into token-budgeted bins (worker/packing.py;
+    module doc there and above), with the forward + backward of each bin replayed from a CUDA graph when
+    ``cuda_graphs``. Falls back to length-grouped padded micro-batches (``split_batch``) where packing does not
+    apply: fp16 (needs loss scaling), a trainable LM head, attention layer types it cannot mask, left padding."""
+
+    def __init__(self, *args: Any, token_budget: int = CPU_TOKEN_BUDGET, packing: bool = True,
+                 cuda_graphs: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
-        self.micro_batch_counts: list[int] = []  # micro-batches per step, for the bench and tests
+        self.packing = packing
+        self.cuda_graphs = cuda_graphs
+        self.micro_batch_counts: list[int] = []  # micro-batches (bins) per step, for the bench and tests
+        self.bins_seen: list[list[PackedBin]] | None = None  # set to a list to record each step's bins (tests)
+        self._runner: EagerSteps | GraphedSteps | None = None
+
+    def _packed_runner(self) -> EagerSteps | GraphedSteps | None:
+        model: Any = self.model
+        if self._runner is None and self.packing and not self.args.fp16 and PackedForward.supported(model):
+            device = next(p.device for p in model.parameters() if p.requires_grad)
+            forward = PackedForward(model, torch.bfloat16 if self.args.bf16 else None)
+            if self.cuda_graphs and device.type == "cuda" and not self.args.gradient_checkpointing:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self._runner = GraphedSteps(forward, params, device)
+            else:
+                self._runner = EagerSteps(forward, device)
+        return self._runner
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         total = max(1, label_tokens(inputs["labels"]))
+        runner = self._packed_runner()
+        mask = inputs["attention_mask"].cpu()
+        if runner is None or not is_right_padded(mask):
+            return self._padded_step(model, inputs, total)
+        model.train()
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0
+        bins = pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad, ROW_WIDTH)
+        self.micro_batch_counts.append(len(bins))
+        if self.bins_seen is not None:
+            self.bins_seen.append(bins)
+        for b in bins:
+            try:
+                runner.run(b.data, 1.0 / total)
+            except Exception:
+                if not isinstance(runner, GraphedSteps):
+                    raise
+                log.warning("capturing the training step as a CUDA graph failed; training eagerly", exc_info=True)
+                carried = runner.take_loss()
+                runner = self._runner = EagerSteps(runner.loss_fn, runner.device)
+                runner.loss = carried
+                runner.run(b.data, 1.0 / total)
+        self._total_train_tokens += int(mask.sum())  # trl's num_tokens: non-padding input tokens
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return runner.take_loss()
+
+    def _padded_step(self, model: torch.nn.Module, inputs: dict[str, Any], total: int) -> torch.Tensor:
         parts = split_batch(inputs, self.token_budget)
         self.micro_batch_counts.append(len(parts))
         loss: torch.Tensor | None = None

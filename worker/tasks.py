@@ -181,20 +181,22 @@ def _run(job_id: str, store: JobStore, settings: Settings, checkpoint_dir: Path)
 
 
 @worker_init.connect
-def _preload_on_cpu(**_: Any) -> None:
-    """On the CPU, import the trainer's libraries once in the parent, before the pool forks: every fresh
-    child (one per training job) then inherits them instead of importing them again (``python -X importtime
-    -c "import worker.trainer"``: about 25 s on a loaded 2-core machine, peft alone 16 s). Not with a GPU:
-    bitsandbytes' import queries CUDA, and the parent must never touch CUDA (see celery_app)."""
+def _preload(**_: Any) -> None:
+    """Load what every training job needs once in the parent, before the pool forks: each fresh child (one per
+    job) inherits it. The default base model's tokenizer everywhere (2-4 s a job otherwise: parsing Gemma's
+    262k-entry vocabulary; it touches no CUDA, checked by ``bench/fork_check.py`` on an H200). On the CPU also
+    the trainer's libraries (``python -X importtime -c "import worker.trainer"``: about 25 s on a loaded 2-core
+    machine, peft alone 16 s); not with a GPU: bitsandbytes' import queries CUDA, and the parent must never
+    touch CUDA (see celery_app)."""
     settings = get_settings()
     if settings.device == "cpu":
         import worker.trainer  # noqa: F401
-        from worker.models import load_tokenizer
+    from worker.models import load_tokenizer
 
-        try:  # and the default base model's tokenizer (2-4 s a job otherwise)
-            load_tokenizer(settings.default_base_model, settings)
-        except Exception:  # a missing or gated model is the job's error to report, not the worker's
-            log.warning("could not preload the tokenizer of %s", settings.default_base_model, exc_info=True)
+    try:
+        load_tokenizer(settings.default_base_model, settings)
+    except Exception:  # a missing or gated model is the job's error to report, not the worker's
+        log.warning("could not preload the tokenizer of %s", settings.default_base_model, exc_info=True)
 
 
 @worker_ready.connect

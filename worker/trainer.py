@@ -35,7 +35,13 @@ from worker import checkpoints
 from worker.checkpoints import CheckpointCallback, KeepAdapterDtypeOnResume
 from worker.data import PreparedData, prepare
 from worker.errors import UserFacingError
-from worker.fast_train import FastSFTTrainer, auto_token_budget, compile_decoder_layers, dequantize_nf4
+from worker.fast_train import (
+    FastSFTTrainer,
+    auto_token_budget,
+    compile_decoder_layers,
+    dequantize_nf4,
+    pack_budget,
+)
 from worker.inference import generate_texts
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 
@@ -197,9 +203,12 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
     )
     callback = _ProgressCallback(reporter)
-    extra: dict[str, Any] = {"token_budget": auto_token_budget(
-        model, device, hp["gradient_checkpointing"], settings.train_memory_gib, settings.train_token_budget)} \
-        if fast else {}
+    extra: dict[str, Any] = {}
+    if fast:
+        budget = auto_token_budget(model, device, hp["gradient_checkpointing"], settings.train_memory_gib,
+                                   settings.train_token_budget)
+        extra = {"token_budget": pack_budget(budget, settings.train_token_budget) if settings.train_packing else budget,
+                 "packing": settings.train_packing, "cuda_graphs": settings.train_cuda_graphs}
     trainer = (_FastTrainer if fast else _Trainer)(
         model=model, args=_config(hp, device, output_dir, data, fast), train_dataset=data.train,
         eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
@@ -209,6 +218,7 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
     if (fast and device == "cuda" and not hp["gradient_checkpointing"] and settings.train_compile_min_examples
             and examples >= settings.train_compile_min_examples):
         log.info("compiled %d decoder layers for training", compile_decoder_layers(trainer.model))  # type: ignore[arg-type]
+        trainer.cuda_graphs = False  # type: ignore[union-attr]  # compiled layers are not captured
     return trainer, data, callback, seconds
 
 

@@ -1,0 +1,100 @@
+"""Forward and loss of one packed bin (worker/packing.py) through a causal LM whose LM head is frozen (LoRA).
+
+The loss is the sum of next-token cross-entropies times ``scale`` (1 / the step's scored tokens: trl's per-token
+mean under gradient accumulation). The LM head runs over the bin in chunks and the gradient of the loss with
+respect to the hidden states is computed in the same pass (``_LMHeadLoss``): the 256k-vocabulary logits of a chunk
+live only inside the forward, nothing of them is kept for backward, and nothing is recomputed. With a frozen head
+(tied embeddings, not a LoRA target) that gradient is all backward needs. Every shape is fixed by the bin's
+capacity and nothing reads a value back to the host, so the whole forward and backward can be captured as a CUDA
+graph (worker/cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from worker.packing import IGNORE, attention_masks
+
+LOSS_CHUNK = 1024
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    """sum over scored rows of (logsumexp(logits) - logit of the target) x scale, logits = softcap(hidden @ W^T)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                softcap: float | None, chunk: int) -> torch.Tensor:
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16 models (fp64 in tests)
+        total = torch.zeros((), dtype=wide, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            logits = (h @ weight.t()).to(wide)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            scored = t != IGNORE
+            safe = torch.where(scored, t, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((lse - logits.gather(1, safe)).squeeze(1) * scored).sum()
+            probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
+            probs.mul_((scored * scale).unsqueeze(1))
+            if softcap:
+                probs.mul_(1 - capped * capped)
+            grad[s:s + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, out_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * out_grad.to(grad.dtype), None, None, None, None, None
+
+
+def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                 softcap: float | None = None, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """(T, H) hidden states, (V, H) frozen head, (T,) targets (``IGNORE`` = not scored) -> scaled loss sum."""
+    out: torch.Tensor = _LMHeadLoss.apply(hidden, weight, targets, scale, softcap, chunk)
+    return out
+
+
+class PackedForward:
+    """Loss of one bin through the (peft-wrapped) causal LM ``model``: decoder + chunked LM-head loss.
+
+    ``supported(model)`` says whether the packed path applies: the LM head is frozen, attention runs through SDPA
+    (which takes boolean masks) and its layer types are ones ``attention_masks`` can express.
+    """
+
+    def __init__(self, model: Any, autocast_dtype: torch.dtype | None = None) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = base.get_decoder()
+        self.head = base.get_output_embeddings()
+        self.config = base.config.get_text_config()
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.autocast_dtype = autocast_dtype
+
+    @staticmethod
+    def supported(model: Any) -> bool:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings()
+        if head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None:
+            return False
+        if getattr(base.config, "_attn_implementation", None) != "sdpa":  # eager adds masks: it needs floats
+            return False
+        probe = torch.zeros((1, 1), dtype=torch.long)  # segment ids of one row
+        return attention_masks(base.config.get_text_config(), probe) is not None
+
+    def __call__(self, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``data``: a bin's (4, rows, width) tensor on the model's device; returns the scaled loss (0-dim)."""
+        ids, positions, segments, targets = data[0], data[1], data[2], data[3].reshape(-1)
+        device = data.device.type
+        cast = (torch.autocast(device, dtype=self.autocast_dtype, cache_enabled=False)
+                if self.autocast_dtype is not None else nullcontext())
+        with cast:
+            hidden = self.decoder(input_ids=ids, position_ids=positions, use_cache=False,
+                                  attention_mask=attention_masks(self.config, segments)).last_hidden_state
+            return lm_head_loss(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, targets, scale, self.softcap)
