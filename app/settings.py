@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         True, description="Fast path: pack each step's examples into bins with a block-diagonal causal mask "
         "(no example attends to another) instead of padded micro-batches."
     )
+    train_fused_kernels: bool = Field(
+        True, description="GPU fast path: Gemma's RMSNorms through PyTorch's fused kernel, LoRA's B matmul, "
+        "scaling and residual add as one addmm (worker/fused.py)."
+    )
     train_cuda_graphs: bool = Field(
         True, description="Fast path with packing on CUDA, no gradient checkpointing: capture each bin size's "
         "forward + backward as a CUDA graph once and replay it (worker/cuda_graphs.py)."

@@ -14,6 +14,7 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
 * ``steady-eager``    ``steady`` with eager attention instead of SDPA; ``steady-tf32``: TF32 matmuls allowed.
 * ``steady-2``        ``steady`` again, warm (the first fast variant of a process pays the first-use warm-up).
 * ``steady-nograph``  ``steady`` with the packed bins run eagerly (no CUDA graphs: ``train_cuda_graphs=False``).
+* ``steady-unfused``  ``steady`` with transformers' RMSNorms and peft's LoRA forward (``train_fused_kernels=False``).
 * ``steady-padded``   ``steady`` with padded, length-grouped micro-batches instead of packed bins (the T1-T4 path).
 * ``steady-p1k``      ``steady`` with 1,024-token bins; ``-p2k``, ``-p3k``, ``-p4k``: 2,048, 3,072, 4,096.
 * ``graph-check``     one step of 256 examples with random LoRA weights, through the graphs and eagerly: the
@@ -342,6 +343,8 @@ def main() -> int:
         ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-2", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-nograph", steady_hp, Settings(device=device, data_dir=work / "data", train_cuda_graphs=False,
+                                               **tiny_budget)),
+        ("steady-unfused", steady_hp, Settings(device=device, data_dir=work / "data", train_fused_kernels=False,
                                                **tiny_budget)),
         ("steady-padded", steady_hp, Settings(device=device, data_dir=work / "data", train_packing=False,
                                               **tiny_budget)),

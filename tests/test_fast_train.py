@@ -272,3 +272,50 @@ def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None
     assert m.any(dim=1).all()  # every query (padding too) attends to something: no empty softmax row
     w = block_causal_mask(rows[0].data[2], window=4)[0, 0]
     assert w[44, 41] and not w[44, 40] and w[44, 44]
+
+
+def test_fused_kernels_compute_what_transformers_and_peft_compute(tmp_path: Path, quotes: list[dict[str, Any]],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker/fused.py (the GPU fast path's; run here on the CPU in float64, where only rounding could differ):
+    gemma-3-270m's logits with fused norms equal transformers' own; a LoRA model's loss and LoRA gradients with
+    fused LoRA projections equal peft's; with the adapter disabled the fused layers defer to peft."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.fused import fuse_gemma_norms, fuse_lora_linears
+    from worker.models import load_tokenizer
+
+    settings = Settings(device="cpu", data_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(settings.model_cache_dir / "gemma-3-270m", dtype=torch.float64)
+    ids = load_tokenizer("gemma-3-270m", settings)(["Quote: Be yourself.\nAuthor:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert fuse_gemma_norms(model) == 6 * model.config.num_hidden_layers + 1  # 4 a layer, q/k norms, final
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-10, atol=1e-10)
+
+    payload = _payload(quotes[:8], quantization="none", batch_size=4, gradient_accumulation_steps=1)
+    trainer, _, _, _ = build_trainer(payload, Recorder(), settings, str(tmp_path / "run"))
+    lora = trainer.model.double()
+    for p in lora.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        lora.zero_grad()
+        loss = lora(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]
+
+    want_loss, want_grads = loss_and_grads()
+    assert fuse_lora_linears(lora) == 7 * lora.config.num_hidden_layers
+    addmm, calls = torch.addmm, []
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+    got_loss, got_grads = loss_and_grads()
+    assert len(calls) == 7 * lora.config.num_hidden_layers  # every projection took the fused path
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-10, atol=0)
+    for got, exp in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-12)
+    with torch.no_grad(), lora.disable_adapter():
+        base = lora(input_ids=batch["input_ids"]).logits
+        lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
+        assert torch.equal(lora(input_ids=batch["input_ids"]).logits, base)  # the adapter is off: B unused

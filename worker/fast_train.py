@@ -213,6 +213,13 @@ class FastSFTTrainer(SFTTrainer):
         self.bins_seen: list[list[PackedBin]] | None = None  # set to a list to record each step's bins (tests)
         self._runner: EagerSteps | GraphedSteps | None = None
 
+    def _pack(self, inputs: dict[str, Any]) -> list[PackedBin] | None:
+        mask = inputs["attention_mask"].cpu()
+        if not is_right_padded(mask):
+            return None
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0
+        return pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad, ROW_WIDTH)
+
     def _packed_runner(self) -> EagerSteps | GraphedSteps | None:
         model: Any = self.model
         if self._runner is None and self.packing and not self.args.fp16 and PackedForward.supported(model):
@@ -229,12 +236,10 @@ class FastSFTTrainer(SFTTrainer):
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         total = max(1, label_tokens(inputs["labels"]))
         runner = self._packed_runner()
-        mask = inputs["attention_mask"].cpu()
-        if runner is None or not is_right_padded(mask):
+        bins = self._pack(inputs) if runner is not None else None
+        if runner is None or not bins:
             return self._padded_step(model, inputs, total)
         model.train()
-        pad = getattr(self.processing_class, "pad_token_id", None) or 0
-        bins = pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad, ROW_WIDTH)
         self.micro_batch_counts.append(len(bins))
         if self.bins_seen is not None:
             self.bins_seen.append(bins)
@@ -249,7 +254,7 @@ class FastSFTTrainer(SFTTrainer):
                 runner = self._runner = EagerSteps(runner.loss_fn, runner.device)
                 runner.loss = carried
                 runner.run(b.data, 1.0 / total)
-        self._total_train_tokens += int(mask.sum())  # trl's num_tokens: non-padding input tokens
+        self._total_train_tokens += sum(b.tokens for b in bins)  # trl's num_tokens: non-padding input tokens
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return runner.take_loss()
 

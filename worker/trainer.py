@@ -42,6 +42,7 @@ from worker.fast_train import (
     dequantize_nf4,
     pack_budget,
 )
+from worker.fused import fuse_gemma_norms, fuse_lora_linears
 from worker.inference import generate_texts
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 
@@ -214,6 +215,9 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
         eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
         **extra,
     )
+    if fast and device == "cuda" and settings.train_fused_kernels:
+        log.info("fused %d norms and %d LoRA projections", fuse_gemma_norms(trainer.model),  # type: ignore[arg-type]
+                 fuse_lora_linears(trainer.model))  # type: ignore[arg-type]
     examples = hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"]
     if (fast and device == "cuda" and not hp["gradient_checkpointing"] and settings.train_compile_min_examples
             and examples >= settings.train_compile_min_examples):
