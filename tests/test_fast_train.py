@@ -319,3 +319,45 @@ def test_fused_kernels_compute_what_transformers_and_peft_compute(tmp_path: Path
         base = lora(input_ids=batch["input_ids"]).logits
         lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
         assert torch.equal(lora(input_ids=batch["input_ids"]).logits, base)  # the adapter is off: B unused
+
+
+def test_a_failing_graph_capture_falls_back_to_eager_steps_with_the_same_loss(tmp_path: Path,
+                                                                              quotes: list[dict[str, Any]]) -> None:
+    """The trainer's side of a failed CUDA-graph capture (the capture itself needs a GPU): the bins already run
+    keep their loss and gradients, the failing bin and every later step run eagerly, nothing is lost or doubled."""
+    from worker.cuda_graphs import GraphedSteps
+    from worker.fast_train import EagerSteps
+
+    settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_token_budget=48)
+    trainer, _, _, _ = build_trainer(_payload(quotes[:16], quantization="none", batch_size=8,
+                                              gradient_accumulation_steps=1), Recorder(), settings,
+                                     str(tmp_path / "run"))
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    model.zero_grad()
+    want = float(trainer.training_step(model, dict(batch)))
+    want_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    eager = trainer._runner
+    assert isinstance(eager, EagerSteps)
+
+    class FailsOnSecondBin(GraphedSteps):
+        def __init__(self) -> None:  # no CUDA here: only what the trainer touches
+            self.loss_fn, self.device, self.calls = eager.loss_fn, eager.device, 0
+            self.inner = EagerSteps(eager.loss_fn, eager.device)
+
+        def run(self, data: torch.Tensor, scale: float) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.inner.run(data, scale)
+
+        def take_loss(self) -> torch.Tensor:
+            return self.inner.take_loss()
+
+    trainer._runner = FailsOnSecondBin()
+    model.zero_grad()
+    got = float(trainer.training_step(model, dict(batch)))
+    assert trainer.micro_batch_counts[-1] > 2 and isinstance(trainer._runner, EagerSteps)
+    assert got == pytest.approx(want, rel=1e-6)
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)

@@ -246,6 +246,8 @@ class FastSFTTrainer(SFTTrainer):
         for b in bins:
             try:
                 runner.run(b.data, 1.0 / total)
+            except torch.OutOfMemoryError:
+                raise  # the job's out_of_memory error, not a reason to try eagerly
             except Exception:
                 if not isinstance(runner, GraphedSteps):
                     raise
