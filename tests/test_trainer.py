@@ -99,3 +99,39 @@ def test_preempted_then_resumed_adapter_equals_the_uninterrupted_one(tmp_path: P
     whole, resumed = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "resumed"))
     assert whole.keys() == resumed.keys()
     assert all(bool((whole[k] == resumed[k]).all()) for k in whole)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_loss_that_becomes_nan_fails_the_job_as_diverged(settings: Settings, tmp_path: Path,
+                                                           quotes: list[dict[str, Any]],
+                                                           monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """LoRA weights poisoned with NaN after step 1 (what a far too high learning rate ends in): the job fails with
+    ``diverged`` and saves no adapter. (transformers' default ``logging_nan_inf_filter`` logged such steps as
+    loss 0.0, so a diverged job used to succeed.)"""
+    import torch
+    from transformers import TrainerCallback
+
+    import worker.trainer as trainer_module
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if "lora_B" in name:
+                            p.fill_(float("nan"))
+
+    build = trainer_module.build_trainer
+
+    def build_and_poison(*args: Any, **kwargs: Any) -> Any:
+        trainer, *rest = build(*args, **kwargs)
+        trainer.add_callback(Poison())
+        return (trainer, *rest)
+
+    monkeypatch.setattr(trainer_module, "build_trainer", build_and_poison)
+    settings.train_fast_path = fast
+    rec = Recorder()
+    with pytest.raises(UserFacingError) as e:
+        train(_payload(quotes[:8]), tmp_path / "adapter", rec, settings)
+    assert e.value.code == "diverged" and rec.steps == [1, 2, 3]
+    assert not (tmp_path / "adapter").exists()

@@ -133,6 +133,9 @@ def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData
         optim=("adamw_torch_fused" if fast else "paged_adamw_8bit") if device == "cuda" else "adamw_torch",
         use_cpu=device == "cpu",
         logging_steps=1,
+        # transformers' default logs a NaN/inf step loss as the average of the steps since the last log, i.e. 0.0
+        # when logging every step: a diverged job then looked fine. Log it as it is (``train`` fails the job).
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=hp.get("eval_interval") or max(1, hp["max_steps"] // 5),
         assistant_only_loss=data.format == "messages",
