@@ -250,7 +250,7 @@ def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None
     assert bin_rows(lengths[:5], 12) == [[4, 1], [2, 0], [3]]  # first fit, longest first: 9+3, 7+5, 2
     assert capacity_for(40) == 64 and capacity_for(1024) == 1024 and capacity_for(1025) == 2048
 
-    one_row = pack(ids, mask, labels, budget=128, pad_id=0)  # no row width: each bin is one row
+    one_row = pack(ids, mask, labels, budget=128, pad_id=0)  # rows as wide as the budget: one row a bin
     rows = pack(ids, mask, labels, budget=128, pad_id=0, row_width=16)  # rows 64 wide (the longest example's)
     for bins in (one_row, rows):
         assert sum(b.tokens for b in bins) == sum(lengths)

@@ -32,7 +32,7 @@ from trl import SFTTrainer
 
 from worker.cuda_graphs import GraphedSteps
 from worker.packed_loss import PackedForward
-from worker.packing import CAPACITY_STEP, ROW_WIDTH, PackedBin, is_right_padded, pack
+from worker.packing import CAPACITY_STEP, PackedBin, is_right_padded, pack
 
 log = logging.getLogger("ftaas.fast_train")
 
@@ -106,12 +106,10 @@ def auto_token_budget(model: PreTrainedModel, device: str, checkpointing: bool, 
     return max(MIN_BUDGET, min(MAX_BUDGET, budget))
 
 
-def pack_budget(budget: int, fixed: int = 0) -> int:
-    """A packed bin's token budget: ``fixed`` when set; else ``budget`` (from memory) as a multiple of the bin
-    capacity step, at most ``PACK_MAX_TOKENS``. Measured (RESULTS.md run T5, H200, gemma-2b shape, rows of 256,
+def pack_budget(budget: int) -> int:
+    """A packed bin's token budget from the one planned from memory: a multiple of the bin capacity step, at most
+    ``PACK_MAX_TOKENS``. Measured (RESULTS.md run T5, H200, gemma-2b shape, rows of 256,
     CUDA graphs, 40 steps): 23,809 tokens/s with 3,072-token bins (16.4 GiB), 22,958 with 4,096 (19.5 GiB)."""
-    if fixed:
-        return fixed
     return min(PACK_MAX_TOKENS, max(CAPACITY_STEP, budget // CAPACITY_STEP * CAPACITY_STEP))
 
 
@@ -218,7 +216,7 @@ class FastSFTTrainer(SFTTrainer):
         if not is_right_padded(mask):
             return None
         pad = getattr(self.processing_class, "pad_token_id", None) or 0
-        return pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad, ROW_WIDTH)
+        return pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad)
 
     def _packed_runner(self) -> EagerSteps | GraphedSteps | None:
         model: Any = self.model
@@ -234,11 +232,11 @@ class FastSFTTrainer(SFTTrainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        total = max(1, label_tokens(inputs["labels"]))
         runner = self._packed_runner()
         bins = self._pack(inputs) if runner is not None else None
         if runner is None or not bins:
-            return self._padded_step(model, inputs, total)
+            return self._padded_step(model, inputs, max(1, label_tokens(inputs["labels"])))
+        total = max(1, sum(b.targets for b in bins))  # = label_tokens(labels), counted on the host
         model.train()
         self.micro_batch_counts.append(len(bins))
         if self.bins_seen is not None:

@@ -91,14 +91,13 @@ def _fill(data: torch.Tensor, rows: list[int], input_ids: torch.Tensor, mask: to
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, budget: int,
-         pad_id: int, row_width: int = 0) -> list[PackedBin]:
+         pad_id: int, row_width: int = ROW_WIDTH) -> list[PackedBin]:
     """The right-padded batch as bins of at most ``budget`` tokens (host tensors; a longer example gets a bin of
-    its own), rows ``row_width`` wide (at most ``budget``, at least the longest example's capacity; 0: one row per
-    bin)."""
+    its own), rows ``row_width`` wide (at most ``budget``, at least the longest example's capacity)."""
     input_ids, attention_mask, labels = input_ids.cpu(), attention_mask.cpu().bool(), labels.cpu()
     lengths = [int(n) for n in attention_mask.sum(dim=1).tolist()]
     longest = max(lengths)
-    width = max(capacity_for(longest), min(row_width, budget)) if row_width else max(budget, longest)
+    width = max(capacity_for(longest), min(row_width, budget))
     per_bin = max(1, budget // width)
     # Next-token targets per row: the label of the following token, where that token is still in the row.
     nxt = torch.full_like(labels, IGNORE)

@@ -211,7 +211,9 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
     if fast:
         budget = auto_token_budget(model, device, hp["gradient_checkpointing"], settings.train_memory_gib,
                                    settings.train_token_budget)
-        extra = {"token_budget": pack_budget(budget, settings.train_token_budget) if settings.train_packing else budget,
+        if settings.train_packing and not settings.train_token_budget:  # a budget set by hand is taken as is
+            budget = pack_budget(budget)
+        extra = {"token_budget": budget,
                  "packing": settings.train_packing, "cuda_graphs": settings.train_cuda_graphs}
     trainer = (_FastTrainer if fast else _Trainer)(
         model=model, args=_config(hp, device, output_dir, data, fast), train_dataset=data.train,
