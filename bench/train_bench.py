@@ -13,6 +13,8 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
 * ``steady-b2k``      ``steady`` with a 2,048-token budget instead of the one picked from free memory.
 * ``steady-eager``    ``steady`` with eager attention instead of SDPA; ``steady-tf32``: TF32 matmuls allowed.
 * ``steady-2``        ``steady`` again, warm (the first fast variant of a process pays the first-use warm-up).
+* ``steady-sync``     ``steady`` with the host waiting for the GPU at the end of every step (as transformers' logging
+                      made it before the fast path's deferred logs): what queueing the next step early is worth.
 * ``steady-nograph``  ``steady`` with the packed bins run eagerly (no CUDA graphs: ``train_cuda_graphs=False``).
 * ``steady-unfused``  ``steady`` with transformers' RMSNorms and peft's LoRA forward (``train_fused_kernels=False``).
 * ``steady-padded``   ``steady`` with padded, length-grouped micro-batches instead of packed bins (the T1-T4 path).
@@ -78,7 +80,9 @@ class StepClock(TrainerCallback):
         self.times: list[float] = []
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if torch.cuda.is_available():
+        # Only the times read below wait for the GPU: a wait every step would stop the host from queueing the next
+        # step while the GPU runs this one (what the fast path's deferred logs allow).
+        if torch.cuda.is_available() and state.global_step in (1, 2, state.max_steps):
             torch.cuda.synchronize()
         self.times.append(time.monotonic())
 
@@ -333,7 +337,15 @@ def main() -> int:
     def eager(trainer: Any) -> None:
         trainer.model.get_base_model().set_attn_implementation("eager")
 
-    tweaks: dict[str, Any] = {"steady-eager": eager}
+    class WaitEachStep(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+    def wait_each_step(trainer: Any) -> None:
+        trainer.add_callback(WaitEachStep())
+
+    tweaks: dict[str, Any] = {"steady-eager": eager, "steady-sync": wait_each_step}
     plan: list[tuple[str, dict[str, Any], Settings]] = [
         ("notebook", {"batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": a.notebook_steps,
                       "gradient_checkpointing": True, "learning_rate": 2e-4, "warmup_steps": 2},
@@ -342,6 +354,7 @@ def main() -> int:
          Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-2", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-sync", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-nograph", steady_hp, Settings(device=device, data_dir=work / "data", train_cuda_graphs=False,
                                                **tiny_budget)),
         ("steady-unfused", steady_hp, Settings(device=device, data_dir=work / "data", train_fused_kernels=False,

@@ -16,7 +16,7 @@ from app.settings import Settings
 from tests.test_formats import CHAT_ROWS, PC_ROWS
 from tests.test_trainer import Recorder
 from worker.fast_train import FastSFTTrainer, compile_decoder_layers, label_tokens, micro_batches, split_batch
-from worker.packing import IGNORE, PackedBin, block_causal_mask
+from worker.packing import IGNORE, PackedBin, PackedStep, PackingCollator, block_causal_mask
 from worker.trainer import build_trainer
 
 
@@ -111,6 +111,9 @@ def test_fast_path_sees_the_same_examples_masks_and_loss_per_step(tmp_path: Path
     assert len(nb_seen) == 12 and fast.args.gradient_accumulation_steps == 1
     assert not fast_seen, "packed steps do not go through trl's padded compute_loss"
     assert len(fast.bins_seen) == 3 and max(fast.micro_batch_counts) > 1
+    batch = next(iter(fast.get_train_dataloader()))  # packed on the host by the training DataLoader's collator
+    assert list(batch) == ["packed"] and isinstance(batch["packed"], PackedStep)
+    assert not isinstance(fast.data_collator, PackingCollator)  # evaluation batches stay unpacked
     tok = nb.processing_class
     for step in range(3):
         want = sorted(e for b in nb_seen[4 * step:4 * step + 4] for e in _padded_examples(b, tok))
@@ -234,7 +237,7 @@ def test_compiled_layers_run_in_training_only_and_fall_back_to_eager(tmp_path: P
 
 
 def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None:
-    from worker.packing import bin_rows, capacity_for, pack
+    from worker.packing import bin_rows, bin_size, capacity_for, pack
 
     lengths = [5, 3, 7, 2, 9, 40]
     width = max(lengths)
@@ -249,6 +252,9 @@ def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None
     labels[1, :2] = -100
     assert bin_rows(lengths[:5], 12) == [[4, 1], [2, 0], [3]]  # first fit, longest first: 9+3, 7+5, 2
     assert capacity_for(40) == 64 and capacity_for(1024) == 1024 and capacity_for(1025) == 2048
+    # rows spread evenly over as few bins as the budget allows, an even count a bin: 28-30 rows -> 3 x 10
+    assert [bin_size(r, 12) for r in (28, 29, 30, 25, 13, 12, 3, 1)] == [10, 10, 10, 10, 8, 12, 4, 1]
+    assert bin_size(7, 3) == 3  # never over the budget
 
     one_row = pack(ids, mask, labels, budget=128, pad_id=0)  # rows as wide as the budget: one row a bin
     rows = pack(ids, mask, labels, budget=128, pad_id=0, row_width=16)  # rows 64 wide (the longest example's)

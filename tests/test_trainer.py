@@ -62,8 +62,9 @@ def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Pa
     rec = Recorder(stop_after=2)
     out = tmp_path / "adapter"
     outcome = train(_payload(quotes[:8], max_steps=500), out, rec, settings)
-    # the cancel is seen once step 2 is reported; the step in progress (3) is the last one
-    assert outcome.cancelled and outcome.steps == 3 and rec.steps == [1, 2, 3]
+    # step 2 is reported at the end of step 3 (the fast path logs each step once the next one is queued:
+    # worker/deferred_log.py); the cancel is seen at the end of the step in progress (4), the last one
+    assert outcome.cancelled and outcome.steps == 4 and rec.steps == [1, 2, 3, 4]
     assert not out.exists()
 
 
@@ -135,3 +136,41 @@ def test_a_loss_that_becomes_nan_fails_the_job_as_diverged(settings: Settings, t
         train(_payload(quotes[:8]), tmp_path / "adapter", rec, settings)
     assert e.value.code == "diverged" and rec.steps == [1, 2, 3]
     assert not (tmp_path / "adapter").exists()
+
+
+def test_each_step_is_logged_after_the_next_is_queued_and_before_evals_and_the_end(
+        settings: Settings, tmp_path: Path, quotes: list[dict[str, Any]]) -> None:
+    """worker/deferred_log.py: step N's loss is read back and logged once step N+1 has run (so the GPU always has
+    a step queued), as of step N (its step number, epoch and values); at once where an evaluation, a checkpoint
+    or the end is due, so those see every step's log. The run's mean loss counts every step once."""
+    from transformers import TrainerCallback
+
+    from worker.trainer import build_trainer
+
+    body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": quotes[:20]},
+                                     "validation": {"fraction": 0.2}, "hyperparameters": {
+                                         "max_steps": 6, "eval_interval": 3, "batch_size": 2,
+                                         "gradient_accumulation_steps": 1, "max_length": 64,
+                                         "gradient_checkpointing": False, "seed": 1}})
+    seen: list[tuple[str, int]] = []
+
+    class Order(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            seen.append(("end", state.global_step))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            kind = "loss" if "loss" in logs else "eval" if "eval_loss" in logs else "summary"
+            seen.append((kind, state.global_step))
+
+    trainer, *_ = build_trainer(body.model_dump(), Recorder(), settings, str(tmp_path / "run"))
+    trainer.add_callback(Order())
+    out = trainer.train()
+    assert seen == [("end", 1), ("end", 2), ("loss", 1), ("end", 3), ("loss", 2), ("loss", 3), ("eval", 3),
+                    ("end", 4), ("end", 5), ("loss", 4), ("end", 6), ("loss", 5), ("loss", 6), ("eval", 6),
+                    ("summary", 6)]
+    logs = [p for p in trainer.state.log_history if "loss" in p]
+    assert [p["step"] for p in logs] == [1, 2, 3, 4, 5, 6]
+    assert [p["epoch"] for p in logs] == pytest.approx([s * 2 / 16 for s in range(1, 7)])
+    assert all(p["grad_norm"] > 0 and p["num_tokens"] > 0 for p in logs)
+    assert [p["num_tokens"] for p in logs] == sorted({p["num_tokens"] for p in logs})  # each step's own count
+    assert out.training_loss == pytest.approx(sum(p["loss"] for p in logs) / 6, rel=1e-6)

@@ -31,8 +31,9 @@ from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from worker.cuda_graphs import GraphedSteps
+from worker.deferred_log import DeferredLogs
 from worker.packed_loss import PackedForward
-from worker.packing import CAPACITY_STEP, PackedBin, is_right_padded, pack
+from worker.packing import CAPACITY_STEP, PackedBin, PackedStep, PackingCollator, is_right_padded, pack
 
 log = logging.getLogger("ftaas.fast_train")
 
@@ -186,7 +187,9 @@ class EagerSteps:
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
 
     def run(self, data: torch.Tensor, scale: float) -> None:
-        loss = self.loss_fn(data.to(self.device), torch.tensor(scale, dtype=torch.float64, device=self.device))
+        # Non-blocking from the DataLoader's pinned memory, the scale filled on the device: no wait for the GPU.
+        scale_t = torch.full((), scale, dtype=torch.float64, device=self.device)
+        loss = self.loss_fn(data.to(self.device, non_blocking=True), scale_t)
         loss.backward()
         self.loss = self.loss + loss.detach()
 
@@ -195,11 +198,15 @@ class EagerSteps:
         return out
 
 
-class FastSFTTrainer(SFTTrainer):
+class FastSFTTrainer(DeferredLogs, SFTTrainer):
     """SFTTrainer whose training step runs the effective batch packed into token-budgeted bins (worker/packing.py;
     module doc there and above), with the forward + backward of each bin replayed from a CUDA graph when
     ``cuda_graphs``. Falls back to length-grouped padded micro-batches (``split_batch``) where packing does not
-    apply: fp16 (needs loss scaling), a trainable LM head, attention layer types it cannot mask, left padding."""
+    apply: fp16 (needs loss scaling), a trainable LM head, attention layer types it cannot mask, left padding.
+
+    The training DataLoader packs on the host (``PackingCollator``) and each step's log is read back one step
+    later (worker/deferred_log.py): nothing in a step waits for the GPU, so the host queues step N+1 while the GPU
+    runs step N."""
 
     def __init__(self, *args: Any, token_budget: int = CPU_TOKEN_BUDGET, packing: bool = True,
                  cuda_graphs: bool = False, **kwargs: Any) -> None:
@@ -210,13 +217,38 @@ class FastSFTTrainer(SFTTrainer):
         self.micro_batch_counts: list[int] = []  # micro-batches (bins) per step, for the bench and tests
         self.bins_seen: list[list[PackedBin]] | None = None  # set to a list to record each step's bins (tests)
         self._runner: EagerSteps | GraphedSteps | None = None
+        self._params_counted: int | None = None
+
+    def _pad_id(self) -> int:
+        return getattr(self.processing_class, "pad_token_id", None) or 0
 
     def _pack(self, inputs: dict[str, Any]) -> list[PackedBin] | None:
-        mask = inputs["attention_mask"].cpu()
+        if isinstance(inputs.get("packed"), PackedStep):
+            return inputs["packed"].bins  # type: ignore[no-any-return]
+        mask = inputs["attention_mask"].cpu()  # a batch not from the training DataLoader (tests, the bench)
         if not is_right_padded(mask):
             return None
-        pad = getattr(self.processing_class, "pad_token_id", None) or 0
-        return pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, pad)
+        return pack(inputs["input_ids"], mask, inputs["labels"], self.token_budget, self._pad_id())
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's, with the batches packed by the collator when the packed path applies."""
+        if self._packed_runner() is None:
+            return super().get_train_dataloader()
+        collate = self.data_collator
+        self.data_collator = PackingCollator(collate, self.token_budget, self._pad_id())
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate, 6 x input tokens (padding included) x parameters, also for packed steps."""
+        step = inputs.get("packed")
+        if not isinstance(step, PackedStep):
+            return int(super().floating_point_ops(inputs))
+        if self._params_counted is None:
+            self._params_counted = int(self.model.num_parameters(exclude_embeddings=True))  # type: ignore[union-attr,operator]
+        return 6 * sum(b.data[0].numel() for b in step.bins) * self._params_counted
 
     def _packed_runner(self) -> EagerSteps | GraphedSteps | None:
         model: Any = self.model

@@ -7,13 +7,19 @@ each example (its last token scores nothing), so the loss is the one of the unpa
 
 Rows are short (``ROW_WIDTH``, or the longest example's capacity): attention runs over each row's whole
 width x width mask, so its cost per token grows with the row width, while the matmuls see rows x width tokens.
-Shapes come from short lists (widths: powers of two up to ``CAPACITY_STEP``, then its multiples; rows: powers of
-two up to the bin's), so a run reuses a few shapes: what lets ``worker.cuda_graphs`` replay one graph per shape.
+Shapes come from short lists (widths: powers of two up to ``CAPACITY_STEP``, then its multiples; rows: an even
+count, ``bin_size``), so a run reuses a few shapes: what lets ``worker.cuda_graphs`` replay one graph per shape.
+
+``PackingCollator`` packs in the training DataLoader, on the host: the batch never goes to the device unpacked
+and back (a device-to-host copy waits for the GPU to finish the previous step), so the host can prepare the next
+step while the GPU trains.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -47,6 +53,19 @@ def bin_rows(lengths: list[int], budget: int) -> list[list[int]]:
             bins.append([i])
             used.append(lengths[i])
     return bins
+
+
+def bin_size(rows: int, per_bin: int) -> int:
+    """Rows per bin for a step of ``rows`` rows: as few bins as ``per_bin`` allows, the rows spread evenly over
+    them (rounded up to an even count, so that steps of similar size share one bin shape, hence one CUDA graph).
+
+    On the 651 quotes (256 examples a step, rows of 256, 12 rows a bin: 28-30 rows a step) every step is three
+    bins of 10 rows: 92.3 % of the bins' tokens are real, against 90.5 % with full bins and the last one's rows
+    rounded up to a power of two (12 + 12 + 4 or 8: three shapes to capture).
+    """
+    bins = -(-rows // per_bin)
+    even = -(-rows // bins)
+    return min(per_bin, even + even % 2) if even > 1 else 1
 
 
 @dataclass
@@ -103,18 +122,44 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     nxt = torch.full_like(labels, IGNORE)
     nxt[:, :-1] = torch.where(attention_mask[:, 1:], labels[:, 1:], IGNORE)
     packed_rows = bin_rows(lengths, width)
+    if len(packed_rows) == 1:  # a lone row: only as wide as it needs
+        shape = (1, capacity_for(sum(lengths[i] for i in packed_rows[0])))
+    else:
+        shape = (bin_size(len(packed_rows), per_bin), width)
     out = []
-    for start in range(0, len(packed_rows), per_bin):
-        group = packed_rows[start:start + per_bin]
-        if len(group) == 1:  # a lone row: only as wide as it needs
-            shape = (1, capacity_for(sum(lengths[i] for i in group[0])))
-        else:
-            shape = (min(per_bin, 1 << (len(group) - 1).bit_length()), width)
+    for start in range(0, len(packed_rows), shape[0]):
+        group = packed_rows[start:start + shape[0]]
         data = torch.empty((4, *shape), dtype=torch.long)
         used = [_fill(data[:, r], group[r] if r < len(group) else [], input_ids, attention_mask, nxt, pad_id)
                 for r in range(shape[0])]  # rows past the group: padding, one segment each, nothing scored
         out.append(PackedBin(data, used, int((data[3] != IGNORE).sum())))
     return out
+
+
+@dataclass
+class PackedStep:
+    """One optimizer step's examples as packed bins (host tensors): what ``PackingCollator`` yields. Has no
+    ``to()``, so accelerate's device placement leaves it on the host; the DataLoader pins it."""
+
+    bins: list[PackedBin]
+
+    def pin_memory(self, device: Any = None) -> PackedStep:
+        return PackedStep([replace(b, data=b.data.pin_memory()) for b in self.bins])
+
+
+class PackingCollator:
+    """Wraps the trainer's collator: a right-padded batch becomes ``{"packed": PackedStep}``; any other batch
+    (left padding, no attention mask) passes unchanged, for the trainer's padded path."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], budget: int, pad_id: int) -> None:
+        self.collate, self.budget, self.pad_id = collate, budget, pad_id
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        if mask is None or not is_right_padded(mask):
+            return batch
+        return {"packed": PackedStep(pack(batch["input_ids"], mask, batch["labels"], self.budget, self.pad_id))}
 
 
 def block_causal_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
