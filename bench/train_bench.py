@@ -15,6 +15,8 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
 * ``steady-2``        ``steady`` again, warm (the first fast variant of a process pays the first-use warm-up).
 * ``steady-sync``     ``steady`` with the host waiting for the GPU at the end of every step (as transformers' logging
                       made it before the fast path's deferred logs): what queueing the next step early is worth.
+* ``steady-mlpc``     experiment: ``steady`` with GELU(gate) x up of each MLP through one ``torch.compile``'d function.
+* ``steady-tN``       ``steady`` with a token budget of N set by hand (e.g. ``steady-t3840``).
 * ``steady-nograph``  ``steady`` with the packed bins run eagerly (no CUDA graphs: ``train_cuda_graphs=False``).
 * ``steady-unfused``  ``steady`` with transformers' RMSNorms and peft's LoRA forward (``train_fused_kernels=False``).
 * ``steady-padded``   ``steady`` with padded, length-grouped micro-batches instead of packed bins (the T1-T4 path).
@@ -23,6 +25,7 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
                       relative difference of the LoRA gradients and of the loss (not a throughput row).
 * ``steady-compile``  ``steady`` with each decoder layer compiled (``train_compile_min_examples=1``); its first step
                       pays the compile (the "first step s" column).
+* ``loss-check``      the LM-head loss kernel on one random bf16 bin against T6's formulation (not a throughput row).
 * ``profile``         5 steps of ``steady`` with torch.profiler over steps 4-5 (top ops printed, ``profile.txt``).
 * ``job``             a whole default job through ``worker.trainer.train`` (10 % validation, evals and samples
                       before/after, adapter saved): data, load, setup (the trainer's construction), eval (loss /
@@ -120,7 +123,7 @@ class Profile(TrainerCallback):
         if self.out:
             Path(self.out).mkdir(parents=True, exist_ok=True)
             (Path(self.out) / "profile.txt").write_text(table + "\n" + cpu + "\n" + avg.table(
-                sort_by=key, row_limit=60, max_name_column_width=90))
+                sort_by=key, row_limit=60, max_name_column_width=200))
         self.prof = None
 
 
@@ -269,6 +272,42 @@ def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Setti
     return out
 
 
+def check_loss_kernel() -> dict[str, Any]:
+    """The LM-head loss of a bf16 bin (3,072 x 2,048 hidden, a 262,144-token head) against T6's formulation
+    (fp32 probabilities, then a cast): the hidden-state gradients should be bitwise equal, the loss close."""
+    from worker.packed_loss import LOSS_CHUNK, lm_head_loss
+
+    free_gpu()
+    torch.manual_seed(0)
+    hidden = (torch.randn(3072, 2048, device="cuda") * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(262_144, 2048, device="cuda") * 0.05).bfloat16()
+    targets = torch.randint(0, 262_144, (3072,), device="cuda")
+    targets[::5] = -100
+    scale = torch.tensor(1 / 3072, dtype=torch.float64, device="cuda")
+    loss = lm_head_loss(hidden, weight, targets, scale)
+    loss.backward()
+    want_loss = torch.zeros((), dtype=torch.float64, device="cuda")
+    want = torch.empty_like(hidden)
+    scored = targets != -100
+    safe = torch.where(scored, targets, 0).unsqueeze(1)
+    with torch.no_grad():
+        for s in range(0, 3072, LOSS_CHUNK):
+            probs = torch.softmax(hidden[s:s + LOSS_CHUNK] @ weight.t(), dim=-1, dtype=torch.float32)
+            want_loss += (-probs.gather(1, safe[s:s + LOSS_CHUNK]).log().squeeze(1) * scored[s:s + LOSS_CHUNK]).sum()
+            d = probs.to(torch.bfloat16)
+            d.scatter_add_(1, safe[s:s + LOSS_CHUNK], torch.full_like(safe[s:s + LOSS_CHUNK], -1, dtype=d.dtype))
+            want[s:s + LOSS_CHUNK] = (d @ weight).float() * (scored[s:s + LOSS_CHUNK] * scale).unsqueeze(1)
+    assert hidden.grad is not None
+    out = {"grad_equal": bool(torch.equal(hidden.grad, want)),
+           "grad_max_abs_diff": float((hidden.grad.float() - want.float()).abs().max()),
+           "loss": float(loss.detach()), "loss_fp32_probs": float(want_loss * scale),
+           "loss_rel_diff": abs(float(loss.detach()) - float(want_loss * scale)) / float(want_loss * scale)}
+    log(f"loss check: {json.dumps(out)}")
+    del hidden, weight, want
+    free_gpu()
+    return out
+
+
 def check_dequant(settings: Settings) -> bool:
     """The fast path's dequantised weights equal bnb's own dequantisation of the NF4 weights, bit for bit."""
     import bitsandbytes as bnb
@@ -345,7 +384,15 @@ def main() -> int:
     def wait_each_step(trainer: Any) -> None:
         trainer.add_callback(WaitEachStep())
 
-    tweaks: dict[str, Any] = {"steady-eager": eager, "steady-sync": wait_each_step}
+    def compiled_mlp(trainer: Any) -> None:
+        """Experiment: GELU(gate) x up of each MLP as one torch.compile'd function (forward and backward fused)."""
+        gelu_mul = torch.compile(lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u, dynamic=True)
+        for m in trainer.model.modules():
+            if type(m).__name__.endswith("MLP") and hasattr(m, "gate_proj"):
+                m.forward = (lambda mlp: lambda x: mlp.down_proj(gelu_mul(mlp.gate_proj(x), mlp.up_proj(x))))(m)
+
+    tweaks: dict[str, Any] = {"steady-eager": eager, "steady-sync": wait_each_step,
+                              "steady-mlpc": compiled_mlp}
     plan: list[tuple[str, dict[str, Any], Settings]] = [
         ("notebook", {"batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": a.notebook_steps,
                       "gradient_checkpointing": True, "learning_rate": 2e-4, "warmup_steps": 2},
@@ -355,6 +402,7 @@ def main() -> int:
         ("steady", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-2", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-sync", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
+        ("steady-mlpc", steady_hp, Settings(device=device, data_dir=work / "data", **tiny_budget)),
         ("steady-nograph", steady_hp, Settings(device=device, data_dir=work / "data", train_cuda_graphs=False,
                                                **tiny_budget)),
         ("steady-unfused", steady_hp, Settings(device=device, data_dir=work / "data", train_fused_kernels=False,
@@ -386,6 +434,7 @@ def main() -> int:
     errors: list[str] = []
     dequant_ok: bool | None = None
     graph_check: dict[str, Any] | None = None
+    loss_check: dict[str, Any] | None = None
     if not a.no_dequant_check:
         try:
             dequant_ok = check_dequant(fast)
@@ -397,6 +446,9 @@ def main() -> int:
             errors.append(f"{name}: skipped (deadline)")
             continue
         try:
+            if name == "loss-check":
+                loss_check = check_loss_kernel()
+                continue
             if name == "graph-check":
                 graph_check = check_graphs(rows, steady_hp, Settings(device=device, data_dir=work / "data",
                                                                      **tiny_budget), work)
@@ -407,6 +459,9 @@ def main() -> int:
                 jobs.append(job)
                 log("RESULT", json.dumps(job, default=str))
                 continue
+            if name.startswith("steady-t") and name[8:].isdigit():  # steady with a token budget set by hand
+                by_name[name] = (steady_hp, Settings(device=device, data_dir=work / "data",
+                                                     train_token_budget=int(name[8:])))
             hp, settings = by_name[name]
             torch.backends.cuda.matmul.allow_tf32 = name == "steady-tf32"
             r = run_variant(name, rows, hp, settings, work, nparams, tweaks.get(name),
@@ -421,7 +476,7 @@ def main() -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "train_bench.json").write_text(json.dumps(
             {"results": results, "jobs": jobs, "errors": errors, "defaults": defaults, "dequant_ok": dequant_ok,
-             "graph_check": graph_check},
+             "graph_check": graph_check, "loss_check": loss_check},
             indent=1, default=str))
     ref = next((r.get("tokens_per_s") for r in results if r["variant"] == "notebook"), None)
     log("\nTABLE")
@@ -455,6 +510,8 @@ def main() -> int:
                 f"{_f(ev.get('eval_loss_after'), 4)} | {'yes' if job['adapter_ok'] else 'NO'} |")
     log("check: dequantised NF4 weights equal bnb's dequantize_4bit:", dequant_ok)
     log("check: CUDA graphs vs eager, one step:", json.dumps(graph_check))
+    if loss_check is not None:
+        log("check: LM-head loss, bf16 probabilities vs fp32 then cast:", json.dumps(loss_check))
     log("errors:", "; ".join(errors) if errors else "none")
     return 1 if errors else 0
 
