@@ -252,6 +252,15 @@ def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Setti
         torch.nn.init.normal_(p, std=0.02)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(hp["batch_size"])])
     out: dict[str, Any] = {}
+    import worker.packed_loss as packed_loss
+
+    loss_fn = packed_loss.lm_head_loss
+
+    def seen_dtypes(hidden: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:  # what the LM-head loss gets
+        out["lm_head_dtypes"] = [str(hidden.dtype), str(weight.dtype), str((hidden[:1] @ weight[:8].t()).dtype)]
+        return loss_fn(hidden, weight, *args, **kwargs)
+
+    packed_loss.lm_head_loss = seen_dtypes  # type: ignore[assignment]
     grads = []
     for runner in ("graphs", "eager", "eager-again"):
         model.zero_grad()
@@ -264,6 +273,7 @@ def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Setti
             out["graphs"] = len(getattr(trainer._runner, "graphs", {}))
         out[f"loss_{runner}"] = loss
         grads.append(torch.cat([p.grad.float().flatten() for p in params]))
+    packed_loss.lm_head_loss = loss_fn
     out["grad_rel_diff"] = float((grads[0] - grads[1]).norm() / grads[1].norm())
     out["grad_rel_diff_eager_twice"] = float((grads[2] - grads[1]).norm() / grads[1].norm())  # run-to-run noise
     out["loss_rel_diff"] = abs(out["loss_graphs"] - out["loss_eager"]) / abs(out["loss_eager"])

@@ -7,8 +7,7 @@ two full-width passes per projection (``* scaling``, ``+ result``). Both are rep
 * ``fuse_gemma_norms``: each Gemma RMSNorm (fp32 math, weight ``1 + w``) through ``F.rms_norm``, ATen's fused
   RMSNorm kernel, forward and backward: x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, cast back.
 * ``fuse_lora_linears``: a LoRA projection as ``base(x)`` + one ``addmm`` that computes ``result + scaling x
-  (A(x) @ B^T)`` in the B matmul's epilogue (one rounding instead of three), in place on ``result`` where the
-  base is a plain Linear.
+  (A(x) @ B^T)`` in the B matmul's epilogue (one rounding instead of three).
 
 Only the summation order differs from transformers'/peft's code; ``tests/test_fast_train.py`` compares both on the
 CPU. Anything these forwards do not cover (several or disabled adapters, merged weights, DoRA, bias on B, extra
@@ -66,17 +65,12 @@ def _fused_lora(layer: Any, original: Callable[..., torch.Tensor]) -> Callable[.
             return original(x, *args, **kwargs)
         name = active[0]
         a, b = layer.lora_A[name], layer.lora_B[name]
-        base = layer.base_layer
-        result = base(x)
+        result = layer.base_layer(x)
         low = a(layer.lora_dropout[name](x.to(a.weight.dtype)))
-        flat, low = result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1])
-        if type(base) is torch.nn.Linear and flat.dtype == low.dtype == b.weight.dtype:
-            # In place on the base output (a plain Linear does not keep its output for backward): torch.addmm
-            # would first copy it into a new tensor, a pass over tokens x out_features per projection (RESULTS.md
-            # run T7: 2.5 % of the GPU time of a steady step).
-            out = flat.addmm_(low, b.weight.t(), alpha=layer.scaling[name])
-        else:
-            out = torch.addmm(flat.to(b.weight.dtype), low, b.weight.t(), alpha=layer.scaling[name])
+        # Out of place: an in-place addmm_ on the base output made cuBLAS copy it through column-major temporaries
+        # (RESULTS.md run T7: four times the copies, 9 % of the GPU time).
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(b.weight.dtype), low.reshape(-1, low.shape[-1]),
+                          b.weight.t(), alpha=layer.scaling[name])
         return out.view(result.shape).to(result.dtype)
 
     return forward
