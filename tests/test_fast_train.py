@@ -372,7 +372,8 @@ def test_a_failing_graph_capture_falls_back_to_eager_steps_with_the_same_loss(tm
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-def test_lm_head_loss_in_bf16_reads_the_loss_from_bf16_probabilities_within_their_rounding() -> None:
+def test_lm_head_loss_in_bf16_reads_the_loss_from_bf16_probabilities_within_their_rounding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """worker/packed_loss.py for a bf16 model: the softmax writes bf16 probabilities, so each token's loss is at
     most bf16's rounding (0.4 %) off the fp32 cross-entropy of the same bf16 logits; the gradient is the one
     from fp32 probabilities rounded once to bf16 (what the path computed before, through a separate cast)."""
@@ -384,7 +385,16 @@ def test_lm_head_loss_in_bf16_reads_the_loss_from_bf16_probabilities_within_thei
     targets = torch.randint(0, 1000, (300,))
     targets[::7] = IGNORE
     scale = torch.tensor(1 / 300, dtype=torch.float64)
-    loss = lm_head_loss(hidden, weight, targets, scale, chunk=128)
+    softmax, autocast_seen = torch.softmax, []
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return softmax(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on the GPU, where autocast runs softmax in fp32
+        loss = lm_head_loss(hidden, weight, targets, scale, chunk=128)
+    assert autocast_seen == [False] * 3  # the loss turns autocast off: its softmax writes bf16
     loss.backward()
     got = float(loss.detach())
 

@@ -40,25 +40,28 @@ class _LMHeadLoss(torch.autograd.Function):
         tiny = torch.finfo(wide).smallest_normal * torch.finfo(wide).eps  # the smallest subnormal
         total = torch.zeros((), dtype=wide, device=hidden.device)
         grad = torch.empty_like(hidden)
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            logits = h @ weight.t()
-            capped = None
-            if softcap:
-                capped = torch.tanh(logits.to(wide) / softcap)
-                logits = capped * softcap
-            # One softmax kernel (fp32 math) writing the probabilities in the model's dtype where the logits are in
-            # it (no softcap): half the bytes of fp32 probabilities and no separate cast.
-            dlogits = (torch.softmax(logits, dim=-1) if logits.dtype == weight.dtype
-                       else torch.softmax(logits, dim=-1, dtype=wide).to(weight.dtype))
-            scored = t != IGNORE
-            safe = torch.where(scored, t, 0).unsqueeze(1)
-            picked = dlogits.gather(1, safe).to(wide)
-            total += (-picked.clamp_min(tiny).log().squeeze(1) * scored).sum()
-            dlogits.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=dlogits.dtype))
-            if capped is not None:
-                dlogits.mul_(1 - capped * capped)
-            grad[s:s + chunk] = (dlogits @ weight).to(wide) * (scored * scale).unsqueeze(1)  # scale kept in fp32
+        # Autocast would run the softmax in fp32 (and write fp32 probabilities); the head and hidden states are in the
+        # model's dtype already, so with it off the matmuls compute what they computed under it.
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                h, t = hidden[s:s + chunk].to(weight.dtype), targets[s:s + chunk]
+                logits = h @ weight.t()
+                capped = None
+                if softcap:
+                    capped = torch.tanh(logits.to(wide) / softcap)
+                    logits = capped * softcap
+                # One softmax kernel (fp32 math) writing the probabilities in the model's dtype where the logits are in
+                # it (no softcap): half the bytes of fp32 probabilities and no separate cast.
+                dlogits = (torch.softmax(logits, dim=-1) if logits.dtype == weight.dtype
+                           else torch.softmax(logits, dim=-1, dtype=wide).to(weight.dtype))
+                scored = t != IGNORE
+                safe = torch.where(scored, t, 0).unsqueeze(1)
+                picked = dlogits.gather(1, safe).to(wide)
+                total += (-picked.clamp_min(tiny).log().squeeze(1) * scored).sum()
+                dlogits.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=dlogits.dtype))
+                if capped is not None:
+                    dlogits.mul_(1 - capped * capped)
+                grad[s:s + chunk] = (dlogits @ weight).to(wide) * (scored * scale).unsqueeze(1)  # scale kept in fp32
         ctx.save_for_backward(grad)
         return total * scale
 
