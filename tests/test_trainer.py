@@ -142,14 +142,15 @@ def test_each_step_is_logged_after_the_next_is_queued_and_before_evals_and_the_e
         settings: Settings, tmp_path: Path, quotes: list[dict[str, Any]]) -> None:
     """worker/deferred_log.py: step N's loss is read back and logged once step N+1 has run (so the GPU always has
     a step queued), as of step N (its step number, epoch and values); at once where an evaluation, a checkpoint
-    or the end is due, so those see every step's log. The run's mean loss counts every step once."""
+    or the end is due, so those see every step's log; not at an epoch's end. The run's mean loss counts every
+    step once."""
     from transformers import TrainerCallback
 
     from worker.trainer import build_trainer
 
     body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": quotes[:20]},
                                      "validation": {"fraction": 0.2}, "hyperparameters": {
-                                         "max_steps": 6, "eval_interval": 3, "batch_size": 2,
+                                         "max_steps": 6, "eval_interval": 3, "batch_size": 4,
                                          "gradient_accumulation_steps": 1, "max_length": 64,
                                          "gradient_checkpointing": False, "seed": 1}})
     seen: list[tuple[str, int]] = []
@@ -170,7 +171,7 @@ def test_each_step_is_logged_after_the_next_is_queued_and_before_evals_and_the_e
                     ("summary", 6)]
     logs = [p for p in trainer.state.log_history if "loss" in p]
     assert [p["step"] for p in logs] == [1, 2, 3, 4, 5, 6]
-    assert [p["epoch"] for p in logs] == pytest.approx([s * 2 / 16 for s in range(1, 7)])
+    assert [p["epoch"] for p in logs] == pytest.approx([s * 4 / 16 for s in range(1, 7)])  # an epoch ends at 4
     assert all(p["grad_norm"] > 0 and p["num_tokens"] > 0 for p in logs)
     assert [p["num_tokens"] for p in logs] == sorted({p["num_tokens"] for p in logs})  # each step's own count
     assert out.training_loss == pytest.approx(sum(p["loss"] for p in logs) / 6, rel=1e-6)

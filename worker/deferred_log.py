@@ -9,7 +9,8 @@ has a step of work ahead of the host.
 What a log holds does not change: the same values, the same step number, epoch and trl metrics, in the same order
 (``state.log_history``, ``on_log`` callbacks). It only happens later: when the next step is queued, or at once
 where anything else is due at that step (an evaluation, a checkpoint, the end of training), so evaluations,
-checkpoints and the final summary see every step's log before they run.
+checkpoints and the final summary see every step's log before they run. An epoch's end does not wait (the Trainer
+calls the log hook there too: waiting drained the GPU's queue every epoch, RESULTS.md run T7).
 """
 
 from __future__ import annotations
@@ -48,16 +49,24 @@ class DeferredLogs:
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: torch.Tensor | float | None, model: Any,
                                  trial: Any, epoch: float, ignore_keys_for_eval: Any, start_time: float,
                                  learning_rate: float | None = None, **kwargs: Any) -> None:
-        should_log = self.control.should_log
-        self._flush_log()
         control = self.control
-        control.should_log = should_log  # the flushed log's on_log cleared it
-        if (should_log and self.state.global_step > self._globalstep_last_logged
-                and not (control.should_evaluate or control.should_save or control.should_training_stop)):
+        due = control.should_log and self.state.global_step > self._globalstep_last_logged
+        other = control.should_evaluate or control.should_save or control.should_training_stop
+        if not (due or other):
+            return  # nothing to do (an epoch's end): the pending log waits, the GPU keeps its queued step
+        should_log = control.should_log
+        self._flush_log()
+        self.control.should_log = should_log  # the flushed log's on_log cleared it
+        if due and not other:
             self._defer_log(tr_loss, grad_norm, start_time, learning_rate)
             return
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch,  # type: ignore[misc]
                                          ignore_keys_for_eval, start_time, learning_rate=learning_rate, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().train(*args, **kwargs)  # type: ignore[misc]
+        self._flush_log()  # a safety net: the last step (max_steps or a stop) logs at once, leaving nothing here
+        return out
 
     def _defer_log(self, tr_loss: torch.Tensor, grad_norm: torch.Tensor | float | None, start_time: float,
                    learning_rate: float | None) -> None:
