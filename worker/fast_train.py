@@ -5,11 +5,12 @@ Semantics (the same as the notebook's recipe, only grouped differently):
 * One optimizer step = one effective batch of ``batch_size x gradient_accumulation_steps`` examples, drawn by
   the Trainer's seeded random sampler exactly as the notebook's ``batch 1 x accumulation 4`` draws them (the
   permutation does not depend on the batch size), so ``max_steps`` means the same examples as before.
-* The Trainer sees that batch as one batch (accumulation 1). ``FastSFTTrainer.training_step`` packs its rows into
-  bins of at most ``token_budget`` tokens (worker/packing.py): whole examples back to back, position ids restarting
-  per example, a block-diagonal causal mask, so no example attends to another and each computes what it computes
-  alone; then forward + backward per bin (worker/packed_loss.py), replayed from a CUDA graph per bin size on the GPU
-  (worker/cuda_graphs.py). Without packing: length-grouped, right-padded micro-batches (``split_batch``).
+* The Trainer sees that batch as one batch (accumulation 1). The training DataLoader packs its rows into bins of
+  at most ``token_budget`` tokens on the host (``PackingCollator``, worker/packing.py): whole examples back to back,
+  position ids restarting per example, a block-diagonal causal mask, so no example attends to another and each
+  computes what it computes alone; ``FastSFTTrainer.training_step`` runs forward + backward per bin
+  (worker/packed_loss.py), replayed from a CUDA graph per bin size on the GPU (worker/cuda_graphs.py).
+  Without packing: length-grouped, right-padded micro-batches (``split_batch``).
 * Loss: the per-token mean over the effective batch (sum of token losses / label tokens of the whole step),
   like trl's loss under gradient accumulation; each bin contributes its sum / that count.
 * The logits are never materialised whole: the packed loss runs the LM head in chunks (trl's fused LM head on

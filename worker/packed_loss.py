@@ -28,9 +28,9 @@ class _LMHeadLoss(torch.autograd.Function):
     the model's dtype (computed in fp32, rounded once: what T6 got by writing fp32 and casting, in a third of the
     bytes; RESULTS.md run T7), the loss from the target's probability, 1 taken off at the target (the gradient of
     the logits, up to the row's scale), one matmul back to the hidden size, and the row scale applied there
-    (hidden-size wide, not vocabulary wide). For a bf16 model the loss is thus read from a bf16 probability: at
-    most 0.4 % off per token (0.004 nats), the gradient unchanged. A target probability below the smallest
-    representable (a loss over 92 nats in bf16, 103 in fp32 for one token) counts as 103 nats.
+    (hidden-size wide, not vocabulary wide). For a bf16 model the loss is thus read from a bf16 probability (at
+    most 0.4 % off, so a token's loss at most 0.004 nats off); the gradient is unchanged. A target probability
+    below the smallest representable (a loss over 92 nats in bf16, 103 in fp32 for one token) counts as 103 nats.
     """
 
     @staticmethod
