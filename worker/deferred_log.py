@@ -35,11 +35,11 @@ class _Pending:
 
 
 class DeferredLogs:
-    """Mixin for a ``transformers.Trainer`` subclass (before it in the bases); on for every device, so the CPU
-    tests run the same logging as the GPU."""
+    """Mixin for a trl ``SFTTrainer`` subclass (before it in the bases; trl keeps per-step metrics in
+    ``_metrics``); on for every device, so the CPU tests run the same logging as the GPU."""
 
     _pending_log: _Pending | None = None
-    # Provided by the Trainer (and trl's SFTTrainer for _metrics):
+    # Provided by the Trainer and trl's SFTTrainer:
     state: Any
     control: Any
     _globalstep_last_logged: int
@@ -73,7 +73,7 @@ class DeferredLogs:
         """What the Trainer's log does before ``.item()``, with the values copied to the host asynchronously."""
         parts = [tr_loss.detach().float().reshape(())]
         if isinstance(grad_norm, torch.Tensor):
-            parts.append(grad_norm.detach().float().reshape(()).to(tr_loss.device))
+            parts.append(grad_norm.detach().float().reshape(()))
         device_values = torch.stack(parts)
         ready = None
         if device_values.is_cuda:
@@ -84,10 +84,9 @@ class DeferredLogs:
         else:
             values = device_values
         tr_loss -= tr_loss  # as the Trainer does: the loss sum restarts after each log
-        metrics = self._metrics.get("train") if isinstance(getattr(self, "_metrics", None), dict) else None
-        taken = {k: list(v) for k, v in (metrics or {}).items()}
-        if metrics is not None:
-            metrics.clear()  # as trl's log does once it has averaged them
+        metrics = self._metrics["train"]
+        taken = {k: list(v) for k, v in metrics.items()}
+        metrics.clear()  # as trl's log does once it has averaged them
         self._pending_log = _Pending(
             values, ready, None if grad_norm is None or isinstance(grad_norm, torch.Tensor) else float(grad_norm),
             self.state.global_step - self._globalstep_last_logged,
@@ -110,14 +109,10 @@ class DeferredLogs:
         if norm or pending.grad_norm is not None:
             logs["grad_norm"] = norm[0] if norm else pending.grad_norm
         logs["learning_rate"] = pending.learning_rate
-        state, has_metrics = self.state, isinstance(getattr(self, "_metrics", None), dict)
-        now = state.global_step, state.epoch, self._metrics.get("train") if has_metrics else None
-        state.global_step, state.epoch = pending.global_step, pending.epoch
-        if has_metrics:
-            self._metrics["train"] = pending.metrics
+        state = self.state
+        now = state.global_step, state.epoch, self._metrics["train"]
+        state.global_step, state.epoch, self._metrics["train"] = pending.global_step, pending.epoch, pending.metrics
         try:
             self.log(logs, pending.start_time)  # type: ignore[attr-defined]
         finally:
-            state.global_step, state.epoch = now[0], now[1]
-            if has_metrics:
-                self._metrics["train"] = now[2]
+            state.global_step, state.epoch, self._metrics["train"] = now

@@ -50,10 +50,9 @@ class _LMHeadLoss(torch.autograd.Function):
                 if softcap:
                     capped = torch.tanh(logits.to(wide) / softcap)
                     logits = capped * softcap
-                # One softmax kernel (fp32 math) writing the probabilities in the model's dtype where the logits are in
-                # it (no softcap): half the bytes of fp32 probabilities and no separate cast.
-                dlogits = (torch.softmax(logits, dim=-1) if logits.dtype == weight.dtype
-                           else torch.softmax(logits, dim=-1, dtype=wide).to(weight.dtype))
+                # One softmax kernel (fp32 math) writing the probabilities in the logits' dtype: the model's without
+                # a softcap (half the bytes of fp32 and no cast); with one, fp32 then a cast.
+                dlogits = torch.softmax(logits, dim=-1).to(weight.dtype)
                 scored = t != IGNORE
                 safe = torch.where(scored, t, 0).unsqueeze(1)
                 picked = dlogits.gather(1, safe).to(wide)
