@@ -570,6 +570,10 @@ class DatasetStore(_Store):
         """Record that ``job_id`` trains on the dataset; False when the dataset no longer exists."""
         return bool(self._link(keys=[self._key(ds_id), f"{self._key(ds_id)}:jobs"], args=[job_id]))
 
+    def used_by(self, ds_id: str, job_id: str) -> bool:
+        """Whether the API linked ``job_id`` to the dataset: it checked the job's caller owns it first."""
+        return bool(self.r.sismember(f"{self._key(ds_id)}:jobs", job_id))
+
     def delete(self, ds_id: str) -> tuple[bool, list[str]]:
         """Delete the metadata unless a queued or running job uses the dataset, atomically.
 

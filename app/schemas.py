@@ -5,7 +5,9 @@ from __future__ import annotations
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from app.ids import MODEL_NAME, hub_repo_id_problem, revision_problem
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
@@ -34,7 +36,22 @@ class ChatMessage(BaseModel):
 
 CellValue = Text | int | float | bool | None | Annotated[list[ChatMessage], Field(max_length=64)]
 Row = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)], CellValue], Field(max_length=64)]
-HubId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", max_length=200)]
+#: A base model's name (built-in or hub id); the API and the worker load only names listed in settings.
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME.pattern, max_length=200)]
+
+
+def _checked(problem: Any) -> Any:
+    def check(value: str) -> str:
+        why = problem(value)
+        if why:
+            raise ValueError(why)
+        return value
+    return AfterValidator(check)
+
+
+#: A hub dataset: ``namespace/name`` only, never a path, builder, URL or glob (app/ids.py says why).
+HubDatasetId = Annotated[str, StringConstraints(max_length=200), _checked(hub_repo_id_problem)]
+Revision = Annotated[str, StringConstraints(max_length=200), _checked(revision_problem)]
 Key = Annotated[str, StringConstraints(max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=512)]
 JobId = Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{22}$")]
@@ -61,9 +78,10 @@ def template_fields(template: str) -> list[str]:
 
 
 class HubDataset(Strict):
-    name: HubId = Field(description="Hub dataset id, e.g. Abirate/english_quotes.")
-    split: ShortStr = Field("train", description="Split to train on.")
-    revision: ShortStr | None = Field(None, description="Git revision (branch, tag or commit).")
+    name: HubDatasetId = Field(description="Hub dataset id, namespace/name, e.g. Abirate/english_quotes.")
+    split: Annotated[str, StringConstraints(max_length=200, pattern=r"^[\w.\-\[\]:%+]+$")] = Field(
+        "train", description="Split to train on (datasets' split syntax, e.g. train or train[:90%]).")
+    revision: Revision | None = Field(None, description="Git revision (branch, tag or commit).")
 
 
 class DatasetSpec(Strict):
@@ -134,7 +152,8 @@ class JobCreate(Strict):
         {"dataset": {"rows": [{"quote": "Be yourself.", "author": "Oscar Wilde"}]},
          "hyperparameters": {"max_steps": 1}},
     ]})
-    base_model: HubId | None = Field(None, description="A built-in name or an allowed hub id; default from settings.")
+    base_model: ModelName | None = Field(
+        None, description="A built-in name or an allowed hub id; default from settings.")
     dataset: DatasetSpec
     template: str = Field(
         DEFAULT_TEMPLATE, min_length=1, max_length=4_000, description="str.format template over the row's columns."
@@ -279,7 +298,8 @@ class GenerateRequest(Strict):
         list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None
     ) = Field(None, min_length=1, max_length=MAX_PROMPTS)
     adapter: JobId | None = Field(None, description="A succeeded job's id; absent: the base model.")
-    base_model: HubId | None = Field(None, description="Base model when no adapter is given; default from settings.")
+    base_model: ModelName | None = Field(
+        None, description="Base model when no adapter is given; default from settings.")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, le=5.0)

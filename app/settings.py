@@ -4,9 +4,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.ids import hub_repo_id_problem
 from app.keys import ApiKeyEntry
 
 #: Built-in base models that work offline (see worker/models.py for how each loads).
@@ -153,6 +154,16 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_s * 2 > self.lease_ttl_s:
             raise ValueError("FTAAS_HEARTBEAT_INTERVAL_S must be at most half of FTAAS_LEASE_TTL_S")
         return self
+
+    @field_validator("hub_models")
+    @classmethod
+    def _hub_ids(cls, names: list[str]) -> list[str]:
+        """Only ``namespace/name`` hub ids: a bare word could be a local folder or a built-in's name."""
+        for name in names:
+            problem = hub_repo_id_problem(name)
+            if problem:
+                raise ValueError(f"FTAAS_HUB_MODELS entry {name!r} {problem}")
+        return names
 
     @property
     def known_models(self) -> list[str]:

@@ -47,8 +47,9 @@ class Keyed:
 
 @contextmanager
 def keyed_service(service_env: dict[str, str], logs: Path, name: str, *, train: bool = False,
-                  generate: bool = False, extra_env: dict[str, str] | None = None) -> Iterator[Keyed]:
-    """Start the API (and the asked-for workers) with the KEYS in a keys file; stop them at the end."""
+                  generate: bool = False, extra_env: dict[str, str] | None = None,
+                  cwd: Path = ROOT) -> Iterator[Keyed]:
+    """Start the API (and the asked-for workers) with the KEYS in a keys file, in ``cwd``; stop them at the end."""
     keys = {n: new_key() for n, _, _ in KEYS}
     keys_file = logs / "api-keys.txt"
     keys_file.write_text("# test keys\n" + "".join(entry_line(keys[n], t, a) + "\n" for n, t, a in KEYS))
@@ -66,7 +67,7 @@ def keyed_service(service_env: dict[str, str], logs: Path, name: str, *, train: 
                        stdout=subprocess.DEVNULL)
     for proc_name, argv in commands.items():
         out = (logs / f"{proc_name}.log").open("wb")
-        svc.procs[proc_name] = subprocess.Popen(local(argv), env=env, cwd=ROOT, stdout=out,
+        svc.procs[proc_name] = subprocess.Popen(local(argv), env=env, cwd=cwd, stdout=out,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
     probe = "/readyz" if len(commands) == 3 else "/healthz"
     try:

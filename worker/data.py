@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_dataset
 
 from app.formats import Format, detect_format, held_out, missing_everywhere, row_plan, row_stats
+from app.ids import hub_repo_id_problem, revision_problem
 from app.settings import Settings
 from app.storage import dataset_file
 from worker.errors import UserFacingError
@@ -44,13 +47,43 @@ def load_rows(spec: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
             raise UserFacingError("dataset_unavailable", f"uploaded dataset {spec['id']} is gone from the store")
         with path.open() as f:
             return [json.loads(line) for line in f if line.strip()]
-    hub = spec["hub"]
+    return hub_rows(spec["hub"], settings)
+
+
+def uploaded_ids(payload: dict[str, Any]) -> list[str]:
+    """The uploaded datasets a job reads: its dataset.id and validation.dataset.id."""
+    val = (payload.get("validation") or {}).get("dataset") or {}
+    return [i for i in (payload["dataset"].get("id"), val.get("id")) if i is not None]
+
+
+def check_links(payload: dict[str, Any], job_id: str, linked: Callable[[str, str], bool]) -> None:
+    """Refuse to read an uploaded dataset the API did not link to this job after its ownership check: the
+    worker reads the dataset store only through ids checked for the job's caller (``DatasetStore.used_by``)."""
+    for ds_id in uploaded_ids(payload):
+        if not linked(ds_id, job_id):
+            raise UserFacingError("dataset_unavailable", f"dataset {ds_id} is not available to job {job_id}")
+
+
+def hub_rows(hub: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """A hub dataset's rows, resolved only as a hub repo id (app/ids.py says why).
+
+    ``snapshot_download`` takes the name as a repo id and nothing else: it validates it, then reads the hub or,
+    with ``HF_HUB_OFFLINE=1``, only its own cache; it never looks at the working directory. ``load_dataset``
+    then gets the absolute snapshot folder that call returned, so the user's string never reaches it. The
+    name is checked again here because the payload comes from Redis, not from the API's schema directly."""
+    from huggingface_hub import snapshot_download
+
+    name, revision = str(hub["name"]), hub.get("revision")
+    problem = hub_repo_id_problem(name) or (revision_problem(str(revision)) if revision is not None else None)
+    if problem:
+        raise UserFacingError("dataset_unavailable", f"hub dataset {name!r} refused: {problem}")
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     try:
-        return list(load_dataset(hub["name"], split=hub["split"], revision=hub.get("revision"), token=token))
+        folder = snapshot_download(repo_id=name, repo_type="dataset", revision=revision, token=token)
+        return list(load_dataset(str(Path(folder).resolve()), split=hub["split"]))
     except Exception as e:  # the hub's errors are many and unrelated; the user needs the gist
         raise UserFacingError(
-            "dataset_unavailable", f"could not load hub dataset {hub['name']!r} ({hub['split']}): {_gist(e)}"
+            "dataset_unavailable", f"could not load hub dataset {name!r} ({hub['split']}): {_gist(e)}"
         ) from e
 
 

@@ -115,6 +115,11 @@ def _source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
     if name in BUILTIN_MODELS:
         return str(builtin_path(name, settings)), {}
     if name in settings.hub_models:
+        # from_pretrained loads a folder of this name relative to the working directory before it asks the hub:
+        # an allowed hub id must never be shadowed by a local folder (a dataset store, a checkout).
+        if Path(name).exists():
+            raise UserFacingError("model_unavailable",
+                                  f"hub model {name!r} also names a local path on the worker; refusing to load it")
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         return name, {"token": token}
     raise UserFacingError("unknown_base_model", f"unknown base model {name!r}; known: {settings.known_models}")

@@ -30,7 +30,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from app.jobstore import JobStore
+from app.jobstore import DatasetStore, JobStore
 from app.settings import Settings, get_settings
 from worker.celery_app import GENERATE_TASK, TRAIN_TASK, celery_app, enqueue_train
 from worker.errors import UserFacingError
@@ -152,11 +152,13 @@ def _run(job_id: str, store: JobStore, settings: Settings, checkpoint_dir: Path)
     """Train and record the outcome; returns it, or ``lost`` when the job was no longer this worker's
     (every write is fenced by the lease, so a lost worker changes nothing)."""
     try:
+        from worker.data import check_links
         from worker.trainer import train
 
         payload = store.payload(job_id)
         if payload is None:
             raise UserFacingError("internal_error", "the job's request is missing from the store")
+        check_links(payload, job_id, DatasetStore(store.r, store.p).used_by)
         out = settings.adapter_dir / job_id
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)  # an earlier attempt's, cut short before the job succeeded
