@@ -24,3 +24,4 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check app worker tests
 	$(VENV)/bin/mypy app worker
+	$(VENV)/bin/lint-imports

@@ -17,19 +17,19 @@ from urllib.parse import urlparse
 
 import redis
 
-from app.keys import load_table, open_bind_refusal
-from app.settings import BUILTIN_MODELS, get_settings
-from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
+from app.core.apikeys import load_table, open_bind_refusal
+from app.core.queue import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
+from app.core.settings import BUILTIN_MODELS, get_settings
 
 # uvicorn closes an idle keep-alive connection after 5 s by default; a client that reuses it at that moment
 # gets a reset (httpx ReadError). With 200 clients polling every 0.5 s on a busy 2-core machine, gaps over 5 s
-# happen (tests/test_load.py at 20 jobs saw them). Idle connections cost little: keep them longer than the
+# happen (tests/system/test_load.py at 20 jobs saw them). Idle connections cost little: keep them longer than the
 # 60 s most proxies and clients use, so the client side closes first.
 KEEP_ALIVE_S = 75
 
 
 def api_argv(host: str, port: int) -> list[str]:
-    return ["python", "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port),
+    return ["python", "-m", "uvicorn", "app.api.main:app", "--host", host, "--port", str(port),
             "--timeout-keep-alive", str(KEEP_ALIVE_S)]
 
 

@@ -31,7 +31,7 @@ def main() -> int:
     import torch
 
     import worker.models
-    from app.settings import Settings
+    from app.core.settings import Settings
     from worker.models import load_tokenizer
 
     worker.models._source = lambda name, settings: (sys.argv[1], {})  # no hub here: the local folder

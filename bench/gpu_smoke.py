@@ -1,8 +1,8 @@
 """GPU smoke benchmark: the service's own trainer and inference engine on the google/gemma-2b architecture.
 
 One process: build google/gemma-2b with random weights (vocab 262,144 for the Gemma 3 tokenizer), train the
-job defaults with ``worker.trainer.train`` (NF4, LoRA r=8 on all seven projections, batch 1 x accumulation 4,
-100 steps, gradient checkpointing) on the 651 quotes, then generate with ``worker.inference.Engine`` with and
+job defaults with ``worker.train.recipe.train`` (NF4, LoRA r=8 on all seven projections, batch 1 x accumulation 4,
+100 steps, gradient checkpointing) on the 651 quotes, then generate with ``worker.serve.pool.Engine`` with and
 without the adapter. Prints a table last.
 
 The trainer holds out a validation split by default (10 % of the 651 rows: 65), measures eval loss before, every
@@ -44,10 +44,10 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM  # noqa: E402
 
 import worker.models  # noqa: E402
-import worker.trainer  # noqa: E402
-from app.schemas import GenerateRequest, JobCreate  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from worker.inference import Engine  # noqa: E402
+import worker.train.recipe  # noqa: E402
+from app.api.schemas import GenerateRequest, JobCreate  # noqa: E402
+from app.core.settings import Settings  # noqa: E402
+from worker.serve.pool import Engine  # noqa: E402
 
 HUB_ID = "google/gemma-2b"
 PROMPTS = [
@@ -178,7 +178,7 @@ def count_tokens_fed() -> dict[str, int]:
     With batch 1 nothing is padded in training, so that part is the non-padding token count.
     """
     counter = {"tokens": 0, "calls": 0, "train_tokens": 0, "train_calls": 0, "active": 1}
-    original = worker.trainer.load_model
+    original = worker.train.recipe.load_model
 
     def load_model(*args: Any, **kwargs: Any) -> Any:
         model = original(*args, **kwargs)
@@ -194,12 +194,12 @@ def count_tokens_fed() -> dict[str, int]:
         model.get_input_embeddings().register_forward_pre_hook(hook)
         return model
 
-    worker.trainer.load_model = load_model
+    worker.train.recipe.load_model = load_model
     return counter
 
 
 def gen_request(prompts: list[str], adapter: str | None, base_model: str, max_new_tokens: int) -> dict[str, Any]:
-    """What app/main.py sends to the generate task: the validated body + prompts, base model, quantization."""
+    """What app/api/main.py sends to the generate task: the validated body + prompts, base model, quantization."""
     body = GenerateRequest(prompts=prompts, adapter=adapter, max_new_tokens=max_new_tokens, do_sample=False)
     return body.model_dump(exclude={"prompt", "prompts"}) | {
         "prompts": body.prompt_list, "base_model": base_model, "quantization": "nf4"}
@@ -256,10 +256,10 @@ def main() -> int:
     rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
     job = JobCreate.model_validate({"base_model": HUB_ID, "dataset": {"rows": rows}})
     payload = job.model_dump()
-    payload["template_given"] = "template" in job.model_fields_set  # as app/main.py sets it
+    payload["template_given"] = "template" in job.model_fields_set  # as app/api/main.py sets it
     if a.validation_fraction is not None:
         payload["validation"] = {"fraction": a.validation_fraction}
-    payload["hyperparameters"]["seed"] = 42  # app/main.py picks one when absent; fixed here to be repeatable
+    payload["hyperparameters"]["seed"] = 42  # app/api/main.py picks one when absent; fixed here to be repeatable
     if a.tiny:
         payload["hyperparameters"]["max_steps"] = 3
     if a.steps:
@@ -283,7 +283,7 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        outcome = worker.trainer.train(payload, out_dir, reporter, settings)
+        outcome = worker.train.recipe.train(payload, out_dir, reporter, settings)
         trained = not outcome.cancelled and (out_dir / "adapter_config.json").is_file()
         row |= {f"{k}_s": v for k, v in outcome.seconds.items()}
         row["steps"] = outcome.steps

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from app.schemas import JobCreate  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from worker.trainer import build_trainer  # noqa: E402
+from app.core.jobs import JobCreate  # noqa: E402
+from app.core.settings import Settings  # noqa: E402
+from worker.train.recipe import build_trainer  # noqa: E402
 
 #: name -> (batch_size, gradient_accumulation_steps, learning_rate, warmup_steps, fast path)
 VARIANTS: dict[str, tuple[int, int, float, int, bool]] = {

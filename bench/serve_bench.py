@@ -1,4 +1,4 @@
-"""Serving benchmark: the service's batching engine (worker.inference.Engine) on one GPU, beside the notebook's
+"""Serving benchmark: the service's batching engine (worker.serve.pool.Engine) on one GPU, beside the notebook's
 ``PeftModel.generate`` path, in one process. Prints a table last.
 
 Model: the google/gemma-2b architecture with random weights (vocab 262,144, Gemma 3 tokenizer; built as in
@@ -45,9 +45,9 @@ import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from app.settings import Settings  # noqa: E402
-from worker.inference import Engine  # noqa: E402
-from worker.multi_lora import TARGETS  # noqa: E402
+from app.core.settings import Settings  # noqa: E402
+from worker.serve.multi_lora import TARGETS  # noqa: E402
+from worker.serve.pool import Engine  # noqa: E402
 
 HUB_ID = "google/gemma-2b"
 

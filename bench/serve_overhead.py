@@ -29,8 +29,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.core.queue import GENERATE_QUEUE, worker_argv  # noqa: E402
 from app.serve import api_argv, local  # noqa: E402
-from worker.celery_app import GENERATE_QUEUE, worker_argv  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

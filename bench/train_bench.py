@@ -2,11 +2,11 @@
 
 Model: the google/gemma-2b architecture with random weights (vocab 262,144, the Gemma 3 tokenizer; built and saved
 as safetensors by ``gpu_smoke.build_model``), NF4 base, LoRA r=8 on the seven projections; data: the 651 quotes.
-Every variant goes through ``worker.trainer.build_trainer`` (the hub id is pointed at the local folder only):
+Every variant goes through ``worker.train.recipe.build_trainer`` (the hub id is pointed at the local folder only):
 
 * ``notebook``        the notebook's recipe: batch 1 x accumulation 4, gradient checkpointing, paged 8-bit AdamW,
                       the old path (``train_fast_path=False``); fewer steps than its 100, for time.
-* ``service-default`` the fast path with the job defaults (``app.schemas.Hyperparameters``), the default job's examples.
+* ``service-default`` the fast path with the job defaults (``app.core.jobs.Hyperparameters``), the default examples.
 * ``steady``          the fast path at a large effective batch over several epochs: the throughput it sustains.
 * ``steady-nf4``      ``steady`` without dequantising the NF4 base (bnb dequantises on every matmul).
 * ``steady-ckpt``     ``steady`` with gradient checkpointing.
@@ -27,7 +27,7 @@ Every variant goes through ``worker.trainer.build_trainer`` (the hub id is point
                       pays the compile (the "first step s" column).
 * ``loss-check``      the LM-head loss kernel on one random bf16 bin against T6's formulation (not a throughput row).
 * ``profile``         5 steps of ``steady`` with torch.profiler over steps 4-5 (top ops printed, ``profile.txt``).
-* ``job``             a whole default job through ``worker.trainer.train`` (10 % validation, evals and samples
+* ``job``             a whole default job through ``worker.train.recipe.train`` (10 % validation, evals and samples
                       before/after, adapter saved): data, load, setup (the trainer's construction), eval (loss /
                       samples), train (first step) and save seconds apart. ``job-compile``: the same, compiled.
 
@@ -66,9 +66,9 @@ import torch  # noqa: E402
 from gpu_smoke import HUB_ID, RecordingReporter, build_model, patch_hub  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import worker.trainer  # noqa: E402
-from app.schemas import JobCreate  # noqa: E402
-from app.settings import Settings  # noqa: E402
+import worker.train.recipe  # noqa: E402
+from app.core.jobs import JobCreate  # noqa: E402
+from app.core.settings import Settings  # noqa: E402
 
 PEAK_FLOPS = 790e12
 T0 = time.monotonic()
@@ -151,7 +151,7 @@ def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], setti
     t = time.monotonic()
     payload = payload_for(rows, hp, 0.0)
     hp = payload["hyperparameters"]
-    trainer, data, callback, seconds = worker.trainer.build_trainer(
+    trainer, data, callback, seconds = worker.train.recipe.build_trainer(
         payload, RecordingReporter(), settings, str(work / name))
     clock = StepClock()
     trainer.add_callback(clock)
@@ -192,10 +192,10 @@ def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], setti
 
 def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: dict[str, Any],
             name: str = "job") -> dict[str, Any]:
-    """A whole default job (the API's body: dataset rows only) through worker.trainer.train."""
+    """A whole default job (the API's body: dataset rows only) through worker.train.recipe.train."""
     free_gpu()
     timed = {"samples": 0.0, "build": 0.0}
-    samples, build = worker.trainer._samples, worker.trainer.build_trainer
+    samples, build = worker.train.recipe._samples, worker.train.recipe.build_trainer
 
     def timing(name: str, fn: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -207,7 +207,7 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
         return wrapped
 
     timed_samples, timed_build = timing("samples", samples), timing("build", build)
-    worker.trainer._samples, worker.trainer.build_trainer = timed_samples, timed_build  # type: ignore[assignment]
+    worker.train.recipe._samples, worker.train.recipe.build_trainer = timed_samples, timed_build  # type: ignore[assignment]
     payload = payload_for(rows, hp, None)
     job_id = "job_" + uuid.uuid4().hex[:22]
     out = settings.adapter_dir / job_id
@@ -215,9 +215,9 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
     reporter = RecordingReporter()
     t = time.monotonic()
     try:
-        outcome = worker.trainer.train(payload, out, reporter, settings)
+        outcome = worker.train.recipe.train(payload, out, reporter, settings)
     finally:
-        worker.trainer._samples, worker.trainer.build_trainer = samples, build  # type: ignore[assignment]
+        worker.train.recipe._samples, worker.train.recipe.build_trainer = samples, build  # type: ignore[assignment]
     total = time.monotonic() - t
     hp = payload["hyperparameters"]
     tokens = reporter.tokens_seen()
@@ -240,10 +240,10 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
 
 def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Settings, work: Path) -> dict[str, Any]:
     """One training step of the same batch through the captured graphs and through the eager packed path."""
-    from worker.fast_train import EagerSteps
+    from worker.train.fast_path import EagerSteps
 
     free_gpu()
-    trainer, *_ = worker.trainer.build_trainer(payload_for(rows, hp, 0.0), RecordingReporter(), settings,
+    trainer, *_ = worker.train.recipe.build_trainer(payload_for(rows, hp, 0.0), RecordingReporter(), settings,
                                                str(work / "graph-check"))
     model = trainer.model
     torch.manual_seed(0)
@@ -252,7 +252,7 @@ def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Setti
         torch.nn.init.normal_(p, std=0.02)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(hp["batch_size"])])
     out: dict[str, Any] = {}
-    import worker.packed_loss as packed_loss
+    import worker.train.packed_loss as packed_loss
 
     loss_fn = packed_loss.lm_head_loss
 
@@ -285,7 +285,7 @@ def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Setti
 def check_loss_kernel() -> dict[str, Any]:
     """The LM-head loss of a bf16 bin (3,072 x 2,048 hidden, a 262,144-token head) against T6's formulation
     (fp32 probabilities, then a cast): the hidden-state gradients should be bitwise equal, the loss close."""
-    from worker.packed_loss import LOSS_CHUNK, lm_head_loss
+    from worker.train.packed_loss import LOSS_CHUNK, lm_head_loss
 
     free_gpu()
     torch.manual_seed(0)
@@ -322,8 +322,8 @@ def check_dequant(settings: Settings) -> bool:
     """The fast path's dequantised weights equal bnb's own dequantisation of the NF4 weights, bit for bit."""
     import bitsandbytes as bnb
 
-    from worker.fast_train import dequantize_nf4
     from worker.models import compute_dtype, load_model
+    from worker.train.fast_path import dequantize_nf4
 
     model = load_model(HUB_ID, "nf4", settings)
     names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -505,7 +505,7 @@ def main() -> int:
             f"| {_f(r.get('samples_per_s'), 1)} | {_f(r['peak_gib'], 2)} | {_pct(r.get('mfu'))} "
             f"| {_f(r['final_loss'], 4)} | {_f(r.get('tokens_per_s', 0) / ref if ref else None, 1)} |")
     if jobs:
-        log("\nwhole default job (worker.trainer.train: 10 % validation, eval before/after, periodic evals, "
+        log("\nwhole default job (worker.train.recipe.train: 10 % validation, eval before/after, periodic evals, "
             "samples, save; eval = outside train, of which samples):")
         log("| variant | total s | data s | load s | setup s | eval s (samples s) | train s (first step s) | save s "
             "| steps x examples | tokens/s (train s) | peak GiB | eval loss before / after | adapter saved |")

@@ -23,9 +23,9 @@ import httpx
 import pytest
 import redis
 
-from app.jobstore import JobStore
+from app.core.queue import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
+from app.core.store import JobStore
 from app.serve import api_argv, local, redis_answers
-from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import redis
 
+from app.core.queue import TRAIN_QUEUE, TRAIN_TASK, worker_argv
 from app.serve import api_argv, local
 from tests.conftest import ROOT, free_port
-from worker.celery_app import TRAIN_QUEUE, TRAIN_TASK, worker_argv
 
 #: Lease settings of the fault tests: a lost job is requeued within LEASE_TTL_S + REAPER_INTERVAL_S.
 LEASE_TTL_S, HEARTBEAT_S, REAPER_INTERVAL_S = 3.0, 1.0, 1.0

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 
-from app.keys import entry_line, new_key
+from app.core.apikeys import entry_line, new_key
+from app.core.queue import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
 from app.serve import api_argv, local
 from tests.conftest import ROOT, free_port
-from worker.celery_app import GENERATE_QUEUE, TRAIN_QUEUE, worker_argv
 
 #: (name, tenant, admin) of the keys every keyed service has.
 KEYS = (("alpha", "alpha", False), ("beta", "beta", False), ("gamma", "gamma", False), ("root", "ops", True))
@@ -93,7 +93,7 @@ def keyed_service(service_env: dict[str, str], logs: Path, name: str, *, train: 
                 os.killpg(p.pid, 9)
 
 
-#: The main keyed service's limits: small, so the tests reach them (tests/test_limits.py).
+#: The main keyed service's limits: small, so the tests reach them (tests/api/test_limits.py).
 MAIN_LIMITS = {"FTAAS_MAX_ACTIVE_JOBS": "2", "FTAAS_GENERATE_RATE": "5", "FTAAS_GENERATE_RATE_WINDOW_S": "10",
                "FTAAS_MAX_BODY_BYTES": str(256 * 1024), "FTAAS_MAX_INLINE_ROWS": "200",
                "FTAAS_MAX_STEP_EXAMPLES": "5000", "FTAAS_MAX_LENGTH": "512", "FTAAS_MAX_NEW_TOKENS": "32",
@@ -103,7 +103,7 @@ MAIN_LIMITS = {"FTAAS_MAX_ACTIVE_JOBS": "2", "FTAAS_GENERATE_RATE": "5", "FTAAS_
 @contextmanager
 def main_keyed_service(service_env: dict[str, str], logs: Path) -> Iterator[Keyed]:
     """Keys on, train and generate workers, MAIN_LIMITS, and a canary hub token in every process's
-    environment (tests/test_secrets.py looks for it everywhere afterwards)."""
+    environment (tests/api/test_secrets.py looks for it everywhere afterwards)."""
     extra = MAIN_LIMITS | {"HF_TOKEN": f"hf_canary{secrets.token_hex(16)}"}
     with keyed_service(service_env, logs, "main", train=True, generate=True, extra_env=extra) as svc:
         yield svc

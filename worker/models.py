@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from app.settings import BUILTIN_MODELS, Settings
-from worker.errors import UserFacingError
+from app.core.errors import UserFacingError
+from app.core.settings import BUILTIN_MODELS, Settings
 
 log = logging.getLogger("ftaas.models")
 
@@ -180,7 +180,7 @@ def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
     (peft 0.21.2) then compute with wrong numbers: the engine's adapters gave garbage, and a training job
     resumed from a checkpoint (its adapter loaded after the evaluation before training) trained on from
     different gradients (tiny-gemma: grad norms 1.5x an uninterrupted run's; bitwise equal without the
-    packing, tests/test_trainer.py). The packed path is faster (gemma-3-270m, 32 greedy tokens: 1.38 s vs
+    packing, tests/train/test_trainer.py). The packed path is faster (gemma-3-270m, 32 greedy tokens: 1.38 s vs
     2.37 s), but correct numbers with adapters coming and going matter more. GPUs are not affected.
     """
     for module in model.modules():
@@ -191,7 +191,7 @@ def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
 if __name__ == "__main__":  # python -m worker.models NAME...: materialise built-in models ahead of time
     import sys
 
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     logging.basicConfig(level=logging.INFO)
     for arg in sys.argv[1:]:

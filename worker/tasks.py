@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers) happen inside task bodies, in the forked child (see celery_app).
 
-Training and faults (README "Reliability"; worker/lease.py): the task claims its job under a lease
+Training and faults (README "Reliability"; app/core/lease.py): the task claims its job under a lease
 that a heartbeat process renews, writes only while it owns the job, checkpoints, and on SIGTERM (a
 deploy) saves a checkpoint and requeues the job to resume on the next worker. Each train worker's
 parent sweeps for jobs whose worker was lost, and forwards its own SIGTERM to the training child.
@@ -30,11 +30,11 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from app.jobstore import DatasetStore, JobStore
-from app.settings import Settings, get_settings
-from worker.celery_app import GENERATE_TASK, TRAIN_TASK, celery_app, enqueue_train
-from worker.errors import UserFacingError
-from worker.lease import Heartbeat, Reaper
+from app.core.errors import UserFacingError
+from app.core.lease import Heartbeat, Reaper
+from app.core.queue import GENERATE_TASK, TRAIN_TASK, celery_app, enqueue_train
+from app.core.settings import Settings, get_settings
+from app.core.store import DatasetStore, JobStore
 
 log = logging.getLogger("ftaas.tasks")
 _engine: Any = None
@@ -152,8 +152,8 @@ def _run(job_id: str, store: JobStore, settings: Settings, checkpoint_dir: Path)
     """Train and record the outcome; returns it, or ``lost`` when the job was no longer this worker's
     (every write is fenced by the lease, so a lost worker changes nothing)."""
     try:
-        from worker.data import check_links
-        from worker.trainer import train
+        from worker.train.data import check_links
+        from worker.train.recipe import train
 
         payload = store.payload(job_id)
         if payload is None:
@@ -187,12 +187,12 @@ def _preload(**_: Any) -> None:
     """Load what every training job needs once in the parent, before the pool forks: each fresh child (one per
     job) inherits it. The default base model's tokenizer everywhere (2-4 s a job otherwise: parsing Gemma's
     262k-entry vocabulary; it touches no CUDA, checked by ``bench/fork_check.py`` on an H200). On the CPU also
-    the trainer's libraries (``python -X importtime -c "import worker.trainer"``: about 25 s on a loaded 2-core
+    the trainer's libraries (``python -X importtime -c "import worker.train.recipe"``: about 25 s on a loaded 2-core
     machine, peft alone 16 s); not with a GPU: bitsandbytes' import queries CUDA, and the parent must never
     touch CUDA (see celery_app)."""
     settings = get_settings()
     if settings.device == "cpu":
-        import worker.trainer  # noqa: F401
+        import worker.train.recipe  # noqa: F401
     from worker.models import load_tokenizer
 
     try:
@@ -229,7 +229,7 @@ def _get_engine() -> Any:
     global _engine
     with _engine_lock:
         if _engine is None:
-            from worker.inference import Engine
+            from worker.serve.pool import Engine
 
             _engine = Engine(get_settings())
             threading.Thread(target=_report_serving, name="serving-report", daemon=True).start()
@@ -237,7 +237,7 @@ def _get_engine() -> Any:
 
 
 def _report_serving() -> None:
-    from app.jobstore import SERVING_TTL_S, GenerationStore
+    from app.core.store import SERVING_TTL_S, GenerationStore
 
     settings = get_settings()
     gens = GenerationStore.from_url(settings.redis_url, settings.redis_prefix)
@@ -256,7 +256,7 @@ class _Relay:
     _store: Any = None  # one client (connection pool) for every request of the process
 
     def __init__(self, gen_id: str) -> None:
-        from app.jobstore import GenerationStore
+        from app.core.store import GenerationStore
 
         settings = get_settings()
         self.gen_id, self.pieces = gen_id, queue.SimpleQueue()  # type: ignore[var-annotated]
@@ -281,7 +281,7 @@ def generate(request: dict[str, Any], enqueued_at: float, stream_id: str | None 
     """Returns ``{"result": ...}`` or ``{"error": {"code", "message"}}``; never raises for user errors.
 
     With ``stream_id`` the result (``done``) or the error, and with ``pieces`` the text as it is generated
-    (``token`` events), also go to that Redis stream, which the API reads (app/generate_routes.py)."""
+    (``token`` events), also go to that Redis stream, which the API reads (app/api/routes/generate.py)."""
     global _store
     queue_ms = (time.time() - enqueued_at) * 1000
     relay = _Relay(stream_id) if stream_id else None

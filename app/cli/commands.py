@@ -252,7 +252,7 @@ def new_key(
     admin: Annotated[bool, typer.Option("--admin", help="An admin key: sees every tenant's jobs.")] = False,
 ) -> None:
     """Print a new API key once, and the line to add to the server's FTAAS_API_KEYS_FILE (its hash)."""
-    from app.keys import TENANT_PATTERN, entry_line, new_key  # stdlib + pydantic only
+    from app.core.apikeys import TENANT_PATTERN, entry_line, new_key  # stdlib + pydantic only
 
     if not re.fullmatch(TENANT_PATTERN, tenant):
         typer.echo(f"error: invalid_argument: tenant must match {TENANT_PATTERN}", err=True)

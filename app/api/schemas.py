@@ -1,0 +1,241 @@
+"""The API's response bodies and the generate request, with the bounds users see in OpenAPI. The job request
+models are the job contract in app/core/jobs.py (re-exported here for the routes)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from app.core.jobs import (  # noqa: F401  (re-exported)
+    ALL_PROJECTIONS,
+    DEFAULT_TEMPLATE,
+    MAX_INLINE_ROWS,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPTS,
+    TERMINAL_STATUSES,
+    CellValue,
+    ChatMessage,
+    DatasetId,
+    DatasetSpec,
+    HubDataset,
+    HubDatasetId,
+    Hyperparameters,
+    JobCreate,
+    JobId,
+    JobStatus,
+    Key,
+    Label,
+    LoraSpec,
+    MetaValue,
+    ModelName,
+    Revision,
+    Row,
+    ShortStr,
+    Strict,
+    TargetModule,
+    Text,
+    ValidationSpec,
+    template_fields,
+)
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+
+
+class Metrics(BaseModel):
+    loss: float | None = None
+    learning_rate: float | None = None
+    epoch: float | None = None
+    grad_norm: float | None = None
+
+
+class TokenStats(BaseModel):
+    mean: float
+    p95: int
+    max: int
+    over_max_length: int = Field(description="Examples truncated to max_length.")
+
+
+class DatasetStats(BaseModel):
+    format: str
+    rows_total: int
+    rows_used: int
+    rows_dropped: dict[str, int] = Field(description="Dropped rows by reason.")
+    train_rows: int | None = None
+    validation_rows: int | None = None
+    epochs: float | None = Field(None, description="Passes over the training rows that max_steps amounts to.")
+    tokens: TokenStats | None = Field(None, description="Measured by the worker with the model's tokenizer.")
+
+
+class Sample(BaseModel):
+    prompt: str
+    before: str
+    after: str | None = None
+
+
+class Evaluation(BaseModel):
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    relative_change: float | None = Field(None, description="(after - before) / before.")
+    samples: list[Sample] = Field(default_factory=list)
+
+
+class MetricPoint(BaseModel):
+    step: int
+    time: float = Field(description="Seconds since training started.")
+    loss: float | None = None
+    learning_rate: float | None = None
+    eval_loss: float | None = None
+    tokens_seen: int | None = None
+
+
+class MetricSeries(BaseModel):
+    data: list[MetricPoint]
+
+
+class JobEvent(BaseModel):
+    id: str = Field(description="Stream id; pass as `after` or Last-Event-ID to resume.")
+    type: str
+    time: float
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobEventList(BaseModel):
+    data: list[JobEvent]
+    has_more: bool
+    next_after: str | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    name: str | None = None
+    status: JobStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress
+    metrics: Metrics = Field(default_factory=Metrics)
+    request: dict[str, Any] = Field(description="The request as accepted, inline rows summarised by count.")
+    error: JobError | None = None
+    adapter: str | None = Field(None, description="Adapter id for /generate, once succeeded.")
+    cancel_requested: bool = False
+    attempts: int = Field(0, ge=0, description="How many times a worker has started the job: above 1 after it "
+                          "was requeued because its worker was lost (a SIGTERM'd worker's resume is the same attempt).")
+    dataset_stats: DatasetStats | None = None
+    evaluation: Evaluation | None = None
+    tenant: str | None = Field(None, description="The tenant whose API key created the job.")
+
+
+class JobList(BaseModel):
+    data: list[Job]
+    has_more: bool
+    next_after: str | None = Field(None, description="Pass as `after` for the next page.")
+
+
+class GenerateRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "Quote: Imagination is more", "max_new_tokens": 4},
+        {"prompts": ["Quote: Be", "Quote: Stay"], "max_new_tokens": 2, "do_sample": True, "seed": 1},
+    ]})
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
+    prompts: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None
+    ) = Field(None, min_length=1, max_length=MAX_PROMPTS)
+    adapter: JobId | None = Field(None, description="A succeeded job's id; absent: the base model.")
+    base_model: ModelName | None = Field(
+        None, description="Base model when no adapter is given; default from settings.")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, le=5.0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    top_k: int = Field(50, ge=0, le=1_000)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=8, description="Generation ends at the first of these strings."
+    )
+    stream: bool = Field(False, description="Answer with server-sent events: `token` events as text is generated "
+                         "(prompt index and new text), then one `done` event with the whole response.")
+
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of prompt or prompts")
+        return self
+
+    @property
+    def prompt_list(self) -> list[str]:
+        return [self.prompt] if self.prompt is not None else list(self.prompts or [])
+
+
+class GenerateOutput(BaseModel):
+    text: str
+    tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class GenerateResponse(BaseModel):
+    outputs: list[GenerateOutput]
+    adapter: str | None
+    base_model: str
+    timing: dict[str, float] = Field(
+        description="Milliseconds: queue (Celery), load (base model and adapter), ttft (time to first token on "
+                    "the worker), generate (first admission to last token), total (as the API saw it).")
+
+
+class LoadedBase(BaseModel):
+    worker: str = Field(description="The generate worker (host and process).")
+    base_model: str
+    quantization: str
+    adapters: list[str] = Field(description="Adapters loaded beside it, least recently used first.")
+    adapter_slots: int = Field(description="How many adapters it keeps loaded at most.")
+
+
+class AdapterList(BaseModel):
+    data: list[LoadedBase]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# -- uploaded datasets ----------------------------------------------------------------------------
+
+DatasetFormat = Literal["jsonl", "json", "csv", "parquet"]
+
+
+class Dataset(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    filename: str = Field(description="The uploaded file's name, as given (metadata only).")
+    format: DatasetFormat = Field(description="Detected from the file extension; stored as JSONL either way.")
+    row_count: int = Field(description="Rows stored (rows with no non-empty value are left out).")
+    dropped_rows: int = Field(0, description="Rows left out because every value was empty or null.")
+    columns: list[str] = Field(description="Every column name of any row, sorted.")
+    bytes: int = Field(description="Size of the uploaded file.")
+    created_at: float
+    preview: list[dict[str, Any]] = Field(description="The first rows, long strings shortened.")
+    tenant: str | None = Field(None, description="The tenant whose API key uploaded it.")
+
+
+class DatasetList(BaseModel):
+    data: list[Dataset]
+    has_more: bool
+    next_after: str | None = Field(None, description="Pass as `after` for the next page.")

@@ -1,0 +1,186 @@
+"""The job contract: what a job request holds (the bodies of ``POST /jobs``, with the bounds users see in
+OpenAPI), shared by the API, which validates it, and the workers, which read it back."""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from app.core.ids import MODEL_NAME, hub_repo_id_problem, revision_problem
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS: list[TargetModule] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_TEMPLATE = "Quote: {quote}\nAuthor: {author}"
+MAX_INLINE_ROWS = 10_000
+MAX_PROMPT_CHARS = 4_000
+MAX_PROMPTS = 16
+MAX_NEW_TOKENS = 1_024
+
+ShortStr = Annotated[str, StringConstraints(max_length=200)]
+#: A user's label: printable, no control characters (it is shown in tables and logs, never used as a path).
+Label = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Text = Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class ChatMessage(BaseModel):
+    """One turn of a ``messages`` column (OpenAI chat style)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+CellValue = Text | int | float | bool | None | Annotated[list[ChatMessage], Field(max_length=64)]
+Row = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)], CellValue], Field(max_length=64)]
+#: A base model's name (built-in or hub id); the API and the worker load only names listed in settings.
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME.pattern, max_length=200)]
+
+
+def _checked(problem: Any) -> Any:
+    def check(value: str) -> str:
+        why = problem(value)
+        if why:
+            raise ValueError(why)
+        return value
+    return AfterValidator(check)
+
+
+#: A hub dataset: ``namespace/name`` only, never a path, builder, URL or glob (app/core/ids.py says why).
+HubDatasetId = Annotated[str, StringConstraints(max_length=200), _checked(hub_repo_id_problem)]
+Revision = Annotated[str, StringConstraints(max_length=200), _checked(revision_problem)]
+Key = Annotated[str, StringConstraints(max_length=64)]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
+JobId = Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{22}$")]
+DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{22}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def template_fields(template: str) -> list[str]:
+    """Field names a ``str.format`` template uses; only plain identifiers are allowed."""
+    names: list[str] = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise ValueError(f"template field {{{name}}} must be a plain column name like {{quote}}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("template must name at least one column, like {quote}")
+    return names
+
+
+class HubDataset(Strict):
+    name: HubDatasetId = Field(description="Hub dataset id, namespace/name, e.g. Abirate/english_quotes.")
+    split: Annotated[str, StringConstraints(max_length=200, pattern=r"^[\w.\-\[\]:%+]+$")] = Field(
+        "train", description="Split to train on (datasets' split syntax, e.g. train or train[:90%]).")
+    revision: Revision | None = Field(None, description="Git revision (branch, tag or commit).")
+
+
+class DatasetSpec(Strict):
+    """Exactly one source. New sources are added as new keys."""
+
+    rows: list[Row] | None = Field(
+        None, min_length=1, max_length=MAX_INLINE_ROWS, description="Inline rows (objects of column -> value)."
+    )
+    hub: HubDataset | None = Field(None, description="A dataset on the hub, loaded by the worker.")
+    id: DatasetId | None = Field(None, description="An uploaded dataset (POST /datasets).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if sum(source is not None for source in (self.rows, self.hub, self.id)) != 1:
+            raise ValueError("give exactly one of dataset.rows, dataset.hub or dataset.id")
+        return self
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(8, ge=1, le=1024, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, le=0.5, description="LoRA dropout.")
+    target_modules: list[TargetModule] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        min_length=1,
+        max_length=7,
+        description="Projections that get adapters.",
+    )
+
+
+class Hyperparameters(Strict):
+    # Defaults: the notebook's recipe (100 steps x 1 x 4 = 400 examples, lr 2e-4). Larger effective batches run
+    # far faster on a GPU (README "Training speed"), but the learning rate that keeps quality at that batch is not
+    # measured yet (bench/quality_parity.py), so the defaults stay the notebook's.
+    max_steps: int = Field(100, ge=1, le=10_000, description="Optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
+    warmup_steps: int = Field(2, ge=0, le=10_000, description="Linear warm-up steps.")
+    batch_size: int = Field(
+        1, ge=1, le=256, description="Examples per micro-batch; one step trains batch_size x "
+        "gradient_accumulation_steps examples (the fast path regroups them by a token budget, same examples).")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=256, description="Micro-batches per optimizer step.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen and recorded when absent.")
+    max_length: int = Field(1024, ge=16, le=8192, description="Tokens per example; longer ones are truncated.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory (the notebook's default was true; the token budget plans for it).")
+    eval_interval: int | None = Field(
+        None, ge=1, le=10_000, description="Steps between eval-loss measurements; default: max_steps / 5."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Literal["nf4", "none"] = Field("nf4", description="Base weights in 4-bit NF4, or unquantized.")
+
+
+class ValidationSpec(Strict):
+    """Held-out rows for eval loss: a seeded fraction of the dataset, or a separate dataset."""
+
+    fraction: float | None = Field(None, ge=0.0, le=0.5, description="Share held out (0 = no validation).")
+    dataset: DatasetSpec | None = Field(None, description="A separate validation dataset.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ValidationSpec:
+        if (self.fraction is None) == (self.dataset is None):
+            raise ValueError("give exactly one of validation.fraction or validation.dataset")
+        return self
+
+
+class JobCreate(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"dataset": {"rows": [{"quote": "Be yourself.", "author": "Oscar Wilde"}]},
+         "hyperparameters": {"max_steps": 1}},
+    ]})
+    base_model: ModelName | None = Field(
+        None, description="A built-in name or an allowed hub id; default from settings.")
+    dataset: DatasetSpec
+    template: str = Field(
+        DEFAULT_TEMPLATE, min_length=1, max_length=4_000, description="str.format template over the row's columns."
+    )
+    format: Literal["auto", "template", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="How rows become training examples; auto: messages > prompt/completion > text > template.",
+    )
+    validation: ValidationSpec | None = Field(
+        None, description="Default: 10% held out when the dataset has at least 50 rows, none below that."
+    )
+    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] | None = Field(
+        None, max_length=8,
+        description="Prompts generated from before and after training; default: a few rows' first words.",
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    name: Label | None = Field(None, description="A label for the job (no control characters).")
+    metadata: dict[Key, MetaValue] = Field(
+        default_factory=dict, max_length=16, description="Up to 16 string pairs, stored with the job."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template_parses(cls, v: str) -> str:
+        try:
+            template_fields(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return v
