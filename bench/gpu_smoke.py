@@ -2,7 +2,7 @@
 
 One process: build google/gemma-2b with random weights (vocab 262,144 for the Gemma 3 tokenizer), train the
 job defaults with ``worker.train.recipe.train`` (NF4, LoRA r=8 on all seven projections, batch 1 x accumulation 4,
-100 steps, gradient checkpointing) on the 651 quotes, then generate with ``worker.serve.pool.Engine`` with and
+100 steps, gradient checkpointing) on the 651 quotes, then generate with ``worker.serve.pool.EnginePool`` with and
 without the adapter. Prints a table last.
 
 The trainer holds out a validation split by default (10 % of the 651 rows: 65), measures eval loss before, every
@@ -46,8 +46,10 @@ from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM  # noqa: E
 import worker.models  # noqa: E402
 import worker.train.recipe  # noqa: E402
 from app.api.schemas import GenerateRequest, JobCreate  # noqa: E402
+from app.core.ids import new_id  # noqa: E402
+from app.core.jobs import GenerateTask, JobSpec  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
-from worker.serve.pool import Engine  # noqa: E402
+from worker.serve.pool import EnginePool  # noqa: E402
 
 HUB_ID = "google/gemma-2b"
 PROMPTS = [
@@ -199,10 +201,12 @@ def count_tokens_fed() -> dict[str, int]:
 
 
 def gen_request(prompts: list[str], adapter: str | None, base_model: str, max_new_tokens: int) -> dict[str, Any]:
-    """What app/api/main.py sends to the generate task: the validated body + prompts, base model, quantization."""
+    """What the generate task hands the engine (app/api/services/generate.py builds the task the same way)."""
     body = GenerateRequest(prompts=prompts, adapter=adapter, max_new_tokens=max_new_tokens, do_sample=False)
-    return body.model_dump(exclude={"prompt", "prompts"}) | {
-        "prompts": body.prompt_list, "base_model": base_model, "quantization": "nf4"}
+    task = GenerateTask.model_validate(body.model_dump(exclude={"prompt", "prompts"}) | {
+        "prompts": body.prompt_list, "base_model": base_model, "quantization": "nf4",
+        "gen_id": new_id("gen"), "enqueued_at": time.time()})
+    return task.engine_request()
 
 
 def sync() -> None:
@@ -254,17 +258,17 @@ def main() -> int:
 
     # 2. the service's trainer on the job defaults
     rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
-    job = JobCreate.model_validate({"base_model": HUB_ID, "dataset": {"rows": rows}})
-    payload = job.model_dump()
-    payload["template_given"] = "template" in job.model_fields_set  # as app/api/main.py sets it
-    if a.validation_fraction is not None:
-        payload["validation"] = {"fraction": a.validation_fraction}
-    payload["hyperparameters"]["seed"] = 42  # app/api/main.py picks one when absent; fixed here to be repeatable
+    overrides: dict[str, Any] = {"seed": 42}  # the API picks one when absent; fixed here to be repeatable
     if a.tiny:
-        payload["hyperparameters"]["max_steps"] = 3
+        overrides["max_steps"] = 3
     if a.steps:
-        payload["hyperparameters"]["max_steps"] = a.steps
-    hp = payload["hyperparameters"]
+        overrides["max_steps"] = a.steps
+    body: dict[str, Any] = {"base_model": HUB_ID, "dataset": {"rows": rows}, "hyperparameters": overrides}
+    if a.validation_fraction is not None:
+        body["validation"] = {"fraction": a.validation_fraction}
+    job = JobCreate.model_validate(body)
+    payload = JobSpec.from_request(job, HUB_ID, default_seed=42)  # as app/api/services/jobs.py builds it
+    hp = payload.hyperparameters.model_dump()
     log("hyperparameters:", json.dumps(hp))
     settings = Settings(device=device, data_dir=data_dir)
     job_id = "job_" + uuid.uuid4().hex[:22]
@@ -330,7 +334,7 @@ def main() -> int:
     # 3. the service's engine: base and adapter, batch 1 and 8, greedy; per combination one warm-up, then
     # --repeats timed runs (median reported). The plain base is measured first on one engine and again last on a
     # second, fresh engine, so an order effect (warm-up, clocks, neighbours) shows up as a difference between them.
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     gen: dict[str, dict[str, Any]] = {}
     texts_seen: dict[str, list[str]] = {}
     plan: list[tuple[str, str | None, int]] = [("base", None, 1), ("base", None, 8)]
@@ -343,7 +347,7 @@ def main() -> int:
             if label == "base-last" and bs == 1:
                 del engine
                 gc.collect()
-                engine = Engine(settings)
+                engine = EnginePool(settings)
             t = time.monotonic()
             warm = engine.generate(gen_request(PROMPTS[:bs], adapter, HUB_ID, 8))
             sync()

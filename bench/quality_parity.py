@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from app.core.jobs import JobCreate  # noqa: E402
+from app.core.jobs import JobCreate, JobSpec  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from worker.train.recipe import build_trainer  # noqa: E402
 
@@ -58,7 +58,7 @@ def run(name: str, spec: tuple[int, int, float, int, bool], rows: list[dict[str,
         "warmup_steps": warmup, "max_length": max_length, "gradient_checkpointing": False, "seed": seed,
         "quantization": quantization,
         "eval_interval": 10_000}})
-    payload = body.model_dump()
+    payload = JobSpec.from_request(body, model, default_seed=seed)
     settings = Settings(device="cpu", train_fast_path=fast)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as out:

@@ -1,4 +1,4 @@
-"""Serving benchmark: the service's batching engine (worker.serve.pool.Engine) on one GPU, beside the notebook's
+"""Serving benchmark: the service's batching engine (worker.serve.pool.EnginePool) on one GPU, beside the notebook's
 ``PeftModel.generate`` path, in one process. Prints a table last.
 
 Model: the google/gemma-2b architecture with random weights (vocab 262,144, Gemma 3 tokenizer; built as in
@@ -47,7 +47,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from app.core.settings import Settings  # noqa: E402
 from worker.serve.multi_lora import TARGETS  # noqa: E402
-from worker.serve.pool import Engine  # noqa: E402
+from worker.serve.pool import EnginePool  # noqa: E402
 
 HUB_ID = "google/gemma-2b"
 
@@ -140,7 +140,7 @@ def mem() -> float:
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def run_batch(engine: Engine, reqs: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]], list[float]]:
+def run_batch(engine: EnginePool, reqs: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]], list[float]]:
     """Submit all at once; (wall s, results, per-request latency s)."""
     done: list[float] = [0.0] * len(reqs)
     t = time.monotonic()
@@ -159,7 +159,7 @@ def bench_engine(name: str, settings: Settings, base: str, prompts: list[str], a
     out: dict[str, Any] = {"variant": name}
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     t = time.monotonic()
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     engine.generate(req(prompts[0], None, base, 2))  # load + capture
     out["startup_s"] = time.monotonic() - t
     be = next(iter(engine._bases.values()))
@@ -222,7 +222,7 @@ def bench_engine(name: str, settings: Settings, base: str, prompts: list[str], a
     sync()
     out |= {"churn_mem_before_gib": before, "churn_mem_after_gib": mem(),
             "churn_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-            "loaded_after_churn": len(be.loaded_adapters()), "slots": len(be.slot_users)}
+            "loaded_after_churn": len(be.loaded_adapters()), "slots": be.adapters.size}
     out["base_unchanged"] = engine.generate(req(prompts[0], None, base, 16))["outputs"][0]["text"] == base_alone
     out["steps"] = be.steps
     for b in list(engine._bases.values()):

@@ -67,7 +67,7 @@ from gpu_smoke import HUB_ID, RecordingReporter, build_model, patch_hub  # noqa:
 from transformers import TrainerCallback  # noqa: E402
 
 import worker.train.recipe  # noqa: E402
-from app.core.jobs import JobCreate  # noqa: E402
+from app.core.jobs import JobCreate, JobSpec  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 
 PEAK_FLOPS = 790e12
@@ -127,14 +127,12 @@ class Profile(TrainerCallback):
         self.prof = None
 
 
-def payload_for(rows: list[dict[str, Any]], hp: dict[str, Any], validation: float | None) -> dict[str, Any]:
+def payload_for(rows: list[dict[str, Any]], hp: dict[str, Any], validation: float | None) -> JobSpec:
+    """The job spec the API would store (app/api/services/jobs.py builds it the same way)."""
     body: dict[str, Any] = {"base_model": HUB_ID, "dataset": {"rows": rows}, "hyperparameters": {"seed": 42} | hp}
     if validation is not None:
         body["validation"] = {"fraction": validation}
-    job = JobCreate.model_validate(body)
-    payload = job.model_dump()
-    payload["template_given"] = False
-    return payload
+    return JobSpec.from_request(JobCreate.model_validate(body), HUB_ID, default_seed=42)
 
 
 def free_gpu() -> None:
@@ -150,7 +148,7 @@ def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], setti
     free_gpu()
     t = time.monotonic()
     payload = payload_for(rows, hp, 0.0)
-    hp = payload["hyperparameters"]
+    hp = payload.hyperparameters.model_dump()
     trainer, data, callback, seconds = worker.train.recipe.build_trainer(
         payload, RecordingReporter(), settings, str(work / name))
     clock = StepClock()
@@ -219,7 +217,7 @@ def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: di
     finally:
         worker.train.recipe._samples, worker.train.recipe.build_trainer = samples, build  # type: ignore[assignment]
     total = time.monotonic() - t
-    hp = payload["hyperparameters"]
+    hp = payload.hyperparameters.model_dump()
     tokens = reporter.tokens_seen()
     parts = outcome.seconds
     r = {"variant": name, "total_s": total, **{f"{k}_s": v for k, v in parts.items()},
@@ -323,7 +321,7 @@ def check_dequant(settings: Settings) -> bool:
     import bitsandbytes as bnb
 
     from worker.models import compute_dtype, load_model
-    from worker.train.fast_path import dequantize_nf4
+    from worker.nf4 import dequantize_nf4
 
     model = load_model(HUB_ID, "nf4", settings)
     names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]

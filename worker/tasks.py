@@ -31,6 +31,7 @@ from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
 from app.core.errors import UserFacingError
+from app.core.jobs import GenerateTask, JobSpec
 from app.core.lease import Heartbeat, Reaper
 from app.core.queue import GENERATE_TASK, TRAIN_TASK, celery_app, enqueue_train
 from app.core.settings import Settings, get_settings
@@ -155,14 +156,15 @@ def _run(job_id: str, store: JobStore, settings: Settings, checkpoint_dir: Path)
         from worker.train.data import check_links
         from worker.train.recipe import train
 
-        payload = store.payload(job_id)
-        if payload is None:
+        stored = store.payload(job_id)
+        if stored is None:
             raise UserFacingError("internal_error", "the job's request is missing from the store")
-        check_links(payload, job_id, DatasetStore(store.r, store.p).used_by)
+        spec = JobSpec.read(stored)  # a version this worker does not read fails the job: unsupported_spec
+        check_links(spec, job_id, DatasetStore(store.r, store.p).used_by)
         out = settings.adapter_dir / job_id
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)  # an earlier attempt's, cut short before the job succeeded
-        outcome = train(payload, out, _StoreReporter(store, job_id), settings, checkpoint_dir, _preempted.is_set)
+        outcome = train(spec, out, _StoreReporter(store, job_id), settings, checkpoint_dir, _preempted.is_set)
     except UserFacingError as e:
         log.warning("job %s failed: %s", job_id, e.message)
         return "failed" if store.fail(job_id, e.code, e.message) else "lost"
@@ -229,9 +231,9 @@ def _get_engine() -> Any:
     global _engine
     with _engine_lock:
         if _engine is None:
-            from worker.serve.pool import Engine
+            from worker.serve.pool import EnginePool
 
-            _engine = Engine(get_settings())
+            _engine = EnginePool(get_settings())
             threading.Thread(target=_report_serving, name="serving-report", daemon=True).start()
         return _engine
 
@@ -276,19 +278,20 @@ class _Relay:
 
 
 @celery_app.task(name=GENERATE_TASK)
-def generate(request: dict[str, Any], enqueued_at: float, stream_id: str | None = None,
-             pieces: bool = True) -> dict[str, Any]:
-    """Returns ``{"result": ...}`` or ``{"error": {"code", "message"}}``; never raises for user errors.
+def generate(stored: dict[str, Any]) -> dict[str, Any]:
+    """Run one ``GenerateTask`` (app/core/jobs.py, sent by ``enqueue_generate``); returns ``{"result": ...}`` or
+    ``{"error": {"code", "message"}}`` and never raises for user errors.
 
-    With ``stream_id`` the result (``done``) or the error, and with ``pieces`` the text as it is generated
-    (``token`` events), also go to that Redis stream, which the API reads (app/api/routes/generate.py)."""
+    The result (``done``) or the error, and with ``task.stream`` the text as it is generated (``token``
+    events), go to the task's Redis stream ``gen_id``, which the API reads (app/api/services/generate.py)."""
     global _store
-    queue_ms = (time.time() - enqueued_at) * 1000
-    relay = _Relay(stream_id) if stream_id else None
+    task = GenerateTask.model_validate(stored)
+    queue_ms = (time.time() - task.enqueued_at) * 1000
+    relay = _Relay(task.gen_id)
     try:
         engine = _get_engine()
-        future = engine.submit(request, relay.piece if relay and pieces else None)
-        while relay:
+        future = engine.submit(task.engine_request(), relay.piece if task.stream else None)
+        while True:
             try:
                 future.result(timeout=0.02)
                 break
@@ -297,12 +300,10 @@ def generate(request: dict[str, Any], enqueued_at: float, stream_id: str | None 
         result = future.result()
     except UserFacingError as e:
         error = {"code": e.code, "message": e.message}
-        if relay:
-            relay.flush(("error", error))
+        relay.flush(("error", error))
         return {"error": error}
     except Exception as e:
-        if relay:
-            relay.flush(("error", {"code": "generate_failed", "message": "generation failed on the worker"}))
+        relay.flush(("error", {"code": "generate_failed", "message": "generation failed on the worker"}))
         log.exception("generate failed")
         raise e
     result["timing"]["queue_ms"] = round(queue_ms, 1)
@@ -313,6 +314,5 @@ def generate(request: dict[str, Any], enqueued_at: float, stream_id: str | None 
             _store.incr_stat("adapter_hits" if cache == "hit" else "adapter_loads")
         except Exception:
             log.warning("could not count adapter cache %s", cache, exc_info=True)
-    if relay:
-        relay.flush(("done", result))
+    relay.flush(("done", result))
     return {"result": result}

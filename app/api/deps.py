@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends
 
 from app.core.settings import Settings, get_settings
-from app.core.store import DatasetStore, JobStore, redis_client
+from app.core.store import DatasetStore, GenerationStore, JobStore, redis_client
 
 
 @lru_cache
@@ -23,6 +23,12 @@ def dataset_store() -> DatasetStore:
     return DatasetStore(job_store().r, s.redis_prefix)
 
 
+@lru_cache
+def generation_store() -> GenerationStore:
+    return GenerationStore(job_store().r, get_settings().redis_prefix)
+
+
 Store = Annotated[JobStore, Depends(job_store)]
 Datasets = Annotated[DatasetStore, Depends(dataset_store)]
+Generations = Annotated[GenerationStore, Depends(generation_store)]
 Config = Annotated[Settings, Depends(get_settings)]

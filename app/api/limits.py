@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, error_body
 from app.api.schemas import GenerateRequest, JobCreate
 from app.core.apikeys import Principal
 from app.core.settings import Settings, get_settings
@@ -130,12 +129,9 @@ class BodyLimit:
 
 
 async def _too_large(send: Send, limit: int, path: str) -> None:
-    message = f"the request body is over this server's limit of {limit:,} bytes"
-    body: dict[str, Any] = {"error": {"code": "payload_too_large", "message": message, "field": None}}
-    if path.startswith("/v1/"):  # OpenAI's shape there, as app/api/openai/routes.py answers
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                          "code": "payload_too_large"}}
-    raw = json.dumps(body).encode()
+    err = ApiError(413, "payload_too_large", f"the request body is over this server's limit of {limit:,} bytes")
+    # OpenAI's shape under /v1, as app/api/openai/routes.py answers
+    raw = json.dumps(error_body(err, "openai" if path.startswith("/v1/") else "ftaas")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
                             (b"connection", b"close")]})

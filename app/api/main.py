@@ -1,4 +1,4 @@
-"""The HTTP API: the FastAPI app, its error handling, health routes and the routers."""
+"""The HTTP API: the FastAPI app, its lifespan, error handling and the routers."""
 
 from __future__ import annotations
 
@@ -7,22 +7,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
 
 from app.api import auth, errors
-from app.api.deps import Config, Store, job_store
+from app.api.deps import job_store
 from app.api.limits import BodyLimit
 from app.api.openai.routes import router as openai_router
 from app.api.routes.dashboard import router as dashboard_router
 from app.api.routes.datasets import router as dataset_router
 from app.api.routes.generate import router as generate_router
 from app.api.routes.jobs import router as job_router
+from app.api.routes.ops import probes
 from app.api.routes.ops import router as metrics_router
 from app.api.schemas import ErrorEnvelope
 from app.core.lease import Reaper
-from app.core.queue import GENERATE_QUEUE, TRAIN_QUEUE, celery_app, enqueue_train
+from app.core.queue import enqueue_train
 from app.core.settings import get_settings
 
 log = logging.getLogger("ftaas.api")
@@ -50,34 +49,7 @@ app = FastAPI(
 errors.install(app)
 app.add_middleware(BodyLimit)
 
-
-@app.exception_handler(redis.RedisError)
-def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-    log.warning("redis unavailable: %s", exc)
-    return errors.envelope(503, "store_unavailable", "the job store (Redis) is not answering; try again shortly")
-
-
-@app.get("/healthz", tags=["ops"])
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@app.get("/readyz", tags=["ops"])
-def readyz(st: Store, cfg: Config) -> JSONResponse:
-    """200 when Redis answers and a worker consumes each queue; 503 naming what is missing."""
-    try:
-        st.ping()
-    except redis.RedisError:
-        return errors.envelope(503, "not_ready", "redis is not answering")
-    replies = celery_app.control.inspect(timeout=cfg.readiness_timeout_s).active_queues() or {}
-    served = {q["name"] for queues in replies.values() for q in queues}
-    missing = [f"worker for queue {q!r}" for q in (TRAIN_QUEUE, GENERATE_QUEUE) if q not in served]
-    if missing:
-        return errors.envelope(503, "not_ready", "missing: " + ", ".join(missing))
-    return JSONResponse({"status": "ready", "redis": "ok", "workers": sorted(replies),
-                         "auth": "open" if auth.key_table().open else "api_key"})
-
-
+app.include_router(probes)
 # Every data route needs a key once keys are configured (app/api/auth.py); /metrics an admin key.
 _keyed = [Depends(auth.principal)]
 app.include_router(job_router, dependencies=_keyed)

@@ -20,11 +20,11 @@ from rich.console import Console
 from app.cli.client import Client, CliError
 from app.cli.follow import follow
 from app.cli.views import console, datasets_table, job_details, jobs_table, print_summary
+from app.core.ids import is_dataset_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
 DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_DATASET_ID = re.compile(r"ds_[0-9a-f]{22}")
 
 app = typer.Typer(name="ftaas", help="Fine-tune as a service: train LoRA adapters and generate with them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -77,7 +77,7 @@ def _json_object(text: str | None, option: str) -> dict[str, Any]:
 
 def _dataset_ref(client: Client, data: str) -> dict[str, Any]:
     """An uploaded dataset's id as given, or a local file uploaded now."""
-    if _DATASET_ID.fullmatch(data):
+    if is_dataset_id(data):
         return {"id": data}
     path = Path(data)
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""Training formats and row checks, shared by the API (before queueing) and the worker.
+"""Training formats and row checks, shared by the API (before queueing) and the worker (before training).
 
 Formats: ``template`` (str.format over any columns), ``text`` (one column as is),
 ``prompt_completion`` (loss on the completion only) and ``messages`` (OpenAI-style chat, loss on
@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from app.core.jobs import template_fields
+from app.core.errors import UserFacingError
+from app.core.jobs import ValidationSpec, template_fields
 
 Format = Literal["template", "text", "prompt_completion", "messages"]
 
@@ -81,20 +82,43 @@ def missing_everywhere(fmt: Format, template: str, columns: Iterable[str]) -> li
     return [c for c in required_columns(fmt, template) if c not in cols]
 
 
+def columns_of(rows: Iterable[dict[str, Any]]) -> set[str]:
+    """Every column name of any row."""
+    return set().union(*(r.keys() for r in rows))
+
+
+def check_rows(fmt: Format, template: str, rows: list[dict[str, Any]], where: str) -> tuple[list[int], dict[str, int]]:
+    """The one check of a job's rows, by the API before queueing and by the worker before training: every
+    column the format needs is in some row, and some row is usable. Returns the usable rows' indices and the
+    drop reasons; raises ``UserFacingError`` (422 at the API) naming the field and ``where`` the rows are."""
+    columns = columns_of(rows)
+    missing = missing_everywhere(fmt, template, columns)
+    if missing:
+        if fmt == "template":
+            raise UserFacingError("template_field_missing", f"template field {missing[0]!r} is in no row of "
+                                  f"{where} (columns: {sorted(columns)})", "template")
+        raise UserFacingError("dataset_columns_missing",
+                              f"format {fmt!r} needs column {missing[0]!r}, which no row of {where} has", where)
+    kept, dropped = row_stats(fmt, template, rows)
+    if not kept:
+        raise UserFacingError("empty_dataset", f"no usable row in {where}: {dropped or 'no rows'}", where)
+    return kept, dropped
+
+
 AUTO_VALIDATION_MIN_ROWS = 50
 AUTO_VALIDATION_FRACTION = 0.1
 
 
-def held_out(n_rows: int, validation: dict[str, Any] | None) -> int:
+def held_out(n_rows: int, validation: ValidationSpec | None) -> int:
     """How many of ``n_rows`` usable rows a job holds out for validation (a separate set: none)."""
     if validation is None:
         fraction = AUTO_VALIDATION_FRACTION if n_rows >= AUTO_VALIDATION_MIN_ROWS else 0.0
     else:
-        fraction = validation.get("fraction") or 0.0
+        fraction = validation.fraction or 0.0
     return min(max(1, round(fraction * n_rows)), n_rows - 1) if fraction and n_rows > 1 else 0
 
 
-def row_plan(fmt: Format, template: str, rows: list[dict[str, Any]], validation: dict[str, Any] | None,
+def row_plan(fmt: Format, template: str, rows: list[dict[str, Any]], validation: ValidationSpec | None,
              examples_per_step: int, max_steps: int) -> dict[str, Any]:
     """What a job will use of its rows, as the job record's ``dataset_stats`` shows it."""
     kept, dropped = row_stats(fmt, template, rows)

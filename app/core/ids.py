@@ -1,4 +1,6 @@
-"""Hub ids users may send: one definition, checked by the API's schemas and again by the worker.
+"""Ids, each defined once: the ones this service makes (``new_id``) and the hub ids users may send.
+
+Hub ids are checked by the API's schemas and again by the worker.
 
 A hub dataset name reaches ``datasets`` and a revision reaches ``huggingface_hub``, both of which read local
 files as readily as the network. ``load_dataset(name)`` tries ``name`` as a folder relative to the worker's
@@ -15,6 +17,9 @@ ref name without ``..`` or a leading ``/``.
 from __future__ import annotations
 
 import re
+import secrets
+import threading
+import time
 
 #: ``namespace/name``: the characters and rules of huggingface_hub's ``validate_repo_id``, namespace required.
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9_][\w.\-]{0,95}$")
@@ -22,6 +27,20 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9_][\w.\-]{0,95}$"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9_][\w.\-]*)?$")
 #: A git branch, tag or commit, as the hub takes it: word characters, ``.``, ``-`` and inner ``/``.
 REVISION = re.compile(r"^[A-Za-z0-9_][\w.\-]*(/[\w.\-]+)*$")
+#: A job's id (``new_job_id``), which also names its adapter; checked before it becomes a path.
+JOB_ID = re.compile(r"^job_[0-9a-f]{22}$")
+#: An uploaded dataset's id (``new_id("ds")``).
+DATASET_ID = re.compile(r"^ds_[0-9a-f]{22}$")
+#: A generate request's stream id (``new_id("gen")``).
+GEN_ID = re.compile(r"^gen_[0-9a-f]{22}$")
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID.fullmatch(value) is not None
+
+
+def is_dataset_id(value: str) -> bool:
+    return DATASET_ID.fullmatch(value) is not None
 
 
 def hub_repo_id_problem(value: str) -> str | None:
@@ -38,3 +57,22 @@ def revision_problem(value: str) -> str | None:
     if not REVISION.fullmatch(value) or ".." in value or value.endswith((".lock", "/")):
         return "must be a branch, tag or commit hash (letters, digits, '_', '.', '-', inner '/'; no '..')"
     return None
+
+
+_last_us = 0
+_id_lock = threading.Lock()
+
+
+def new_id(prefix: str) -> str:
+    """``<prefix>_`` + 13 hex digits of microseconds (strictly increasing in a process) + 9 random.
+
+    Ids sort by creation time, so the job and dataset indexes need no separate score.
+    """
+    global _last_us
+    with _id_lock:
+        _last_us = max(time.time_ns() // 1000, _last_us + 1)
+        return f"{prefix}_{_last_us:013x}{secrets.token_hex(5)[:9]}"
+
+
+def new_job_id() -> str:
+    return new_id("job")

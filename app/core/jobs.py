@@ -1,14 +1,29 @@
 """The job contract: what a job request holds (the bodies of ``POST /jobs``, with the bounds users see in
-OpenAPI), shared by the API, which validates it, and the workers, which read it back."""
+OpenAPI), shared by the API, which validates it, and the workers, which read it back.
+
+``JobCreate`` is what a user sends. ``JobSpec`` is what the API accepted and stored in Redis (the request plus
+its resolved base model, whether it set its template, its seed); a worker reads it back with ``JobSpec.read``.
+``GenerateTask`` is one generate request as the API sends it to a generate worker.
+"""
 
 from __future__ import annotations
 
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from app.core.ids import MODEL_NAME, hub_repo_id_problem, revision_problem
+from app.core.errors import UserFacingError
+from app.core.ids import DATASET_ID, GEN_ID, JOB_ID, MODEL_NAME, hub_repo_id_problem, revision_problem
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
@@ -20,6 +35,9 @@ MAX_INLINE_ROWS = 10_000
 MAX_PROMPT_CHARS = 4_000
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1_024
+MAX_LENGTH = 8_192
+#: The version of ``JobSpec`` this code writes and reads; a stored spec without one is version 1.
+SPEC_VERSION = 1
 
 ShortStr = Annotated[str, StringConstraints(max_length=200)]
 #: A user's label: printable, no control characters (it is shown in tables and logs, never used as a path).
@@ -55,8 +73,8 @@ HubDatasetId = Annotated[str, StringConstraints(max_length=200), _checked(hub_re
 Revision = Annotated[str, StringConstraints(max_length=200), _checked(revision_problem)]
 Key = Annotated[str, StringConstraints(max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=512)]
-JobId = Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{22}$")]
-DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{22}$")]
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID.pattern)]
+DatasetId = Annotated[str, StringConstraints(pattern=DATASET_ID.pattern)]
 
 
 class Strict(BaseModel):
@@ -100,6 +118,10 @@ class DatasetSpec(Strict):
             raise ValueError("give exactly one of dataset.rows, dataset.hub or dataset.id")
         return self
 
+    def plain_rows(self) -> list[dict[str, Any]]:
+        """The inline rows as plain JSON values (chat messages as dicts), as the row checks and trainer read them."""
+        return list(self.model_dump(include={"rows"})["rows"] or [])
+
 
 class LoraSpec(Strict):
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
@@ -125,7 +147,7 @@ class Hyperparameters(Strict):
         "gradient_accumulation_steps examples (the fast path regroups them by a token budget, same examples).")
     gradient_accumulation_steps: int = Field(4, ge=1, le=256, description="Micro-batches per optimizer step.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen and recorded when absent.")
-    max_length: int = Field(1024, ge=16, le=8192, description="Tokens per example; longer ones are truncated.")
+    max_length: int = Field(1024, ge=16, le=MAX_LENGTH, description="Tokens per example; longer ones are truncated.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (the notebook's default was true; the token budget plans for it).")
     eval_interval: int | None = Field(
@@ -133,6 +155,11 @@ class Hyperparameters(Strict):
     )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Literal["nf4", "none"] = Field("nf4", description="Base weights in 4-bit NF4, or unquantized.")
+
+    @property
+    def examples_per_step(self) -> int:
+        """Examples one optimizer step trains on (the effective batch)."""
+        return self.batch_size * self.gradient_accumulation_steps
 
 
 class ValidationSpec(Strict):
@@ -184,3 +211,88 @@ class JobCreate(Strict):
         except ValueError as e:
             raise ValueError(str(e)) from None
         return v
+
+
+class SpecHyperparameters(Hyperparameters):
+    seed: int = Field(ge=0, le=2**31 - 1, description="Random seed (chosen by the API when the request had none).")
+
+
+class JobSpec(JobCreate):
+    """An accepted job as stored in Redis and read by the worker: the request, its base model resolved, whether
+    the user set ``template`` (``format: auto`` then means the template format) and a seed always set.
+    Stored as JSON with the request's keys plus these, so what the API wrote before ``spec_version`` reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    spec_version: int = Field(SPEC_VERSION, description="The contract's version; absent in records before it: 1.")
+    base_model: ModelName  # type: ignore[assignment]  # resolved: never None here
+    template_given: bool = False
+    hyperparameters: SpecHyperparameters  # type: ignore[assignment]
+
+    @classmethod
+    def from_request(cls, body: JobCreate, base_model: str, default_seed: int) -> JobSpec:
+        """The spec of an accepted request on ``base_model``; ``default_seed`` when the request has no seed."""
+        hp = body.hyperparameters
+        return cls.model_validate(body.model_dump() | {
+            "base_model": base_model, "template_given": "template" in body.model_fields_set,
+            "hyperparameters": hp.model_dump() | {"seed": default_seed if hp.seed is None else hp.seed}})
+
+    @classmethod
+    def read(cls, stored: dict[str, Any]) -> JobSpec:
+        """A stored spec, or a ``UserFacingError`` that fails the job when this code cannot read it."""
+        version = stored.get("spec_version", 1)
+        if version != SPEC_VERSION:
+            raise UserFacingError("unsupported_spec", f"the job was stored as spec version {version!r}; this worker "
+                                  f"reads version {SPEC_VERSION}: run it on workers of the release that wrote it")
+        try:
+            return cls.model_validate(stored)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "spec"
+            raise UserFacingError("invalid_spec", f"the job's stored request does not read: {where}: "
+                                  f"{first['msg']}") from None
+
+    def public(self) -> dict[str, Any]:
+        """The request as the job record shows it: inline rows summarised by their count."""
+        out = self.model_dump(mode="json", exclude={"template_given", "spec_version"})
+        out["dataset"] = _summary(out["dataset"])
+        if out.get("validation") and out["validation"].get("dataset"):
+            out["validation"] = {"dataset": _summary(out["validation"]["dataset"])}
+        return out
+
+    def uploads(self) -> list[tuple[str, str]]:
+        """(field, id) of each uploaded dataset the job reads: ``dataset.id``, ``validation.dataset.id``."""
+        val = self.validation.dataset if self.validation else None
+        return [(f, i) for f, i in (("dataset.id", self.dataset.id), ("validation.dataset.id", val.id if val else None))
+                if i is not None]
+
+
+def _summary(dataset: dict[str, Any]) -> dict[str, Any]:
+    if dataset.get("rows") is not None:
+        return {"rows": {"count": len(dataset["rows"])}}
+    return {k: v for k, v in dataset.items() if v is not None}
+
+
+class GenerateTask(BaseModel):
+    """One generate request as the API sends it to a generate worker, as one JSON argument: the request's
+    fields with the base model and quantization resolved, the Redis stream the worker answers on
+    (``gen_id``), whether it also streams the text as it is generated, and when it was enqueued."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    gen_id: Annotated[str, StringConstraints(pattern=GEN_ID.pattern)]
+    stream: bool = Field(description="Also send each new piece of text (``token`` events), not only the end.")
+    enqueued_at: float = Field(description="time.time() when the API enqueued it (the queue time is measured).")
+    prompts: list[str] = Field(min_length=1)
+    adapter: JobId | None
+    base_model: ModelName
+    quantization: Literal["nf4", "none"]
+    max_new_tokens: int = Field(ge=1)
+    do_sample: bool
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1.0)
+    top_k: int = Field(ge=0)
+    seed: int | None
+    stop: list[str]
+
+    def engine_request(self) -> dict[str, Any]:
+        """The request dict the serving engine takes (worker/serve/pool.py ``submit``)."""
+        return self.model_dump(exclude={"gen_id", "stream", "enqueued_at"})

@@ -1,15 +1,11 @@
 """Where stored files live. Plain Python: the workers import it without the web framework."""
 
-import re
 from pathlib import Path
 
+from app.core.ids import is_dataset_id
 from app.core.settings import Settings
 
-_DATASET_ID = re.compile(r"^ds_[0-9a-f]{22}$")
-
-
-def is_dataset_id(value: str) -> bool:
-    return bool(_DATASET_ID.match(value))
+__all__ = ["dataset_file", "is_dataset_id"]
 
 
 def dataset_file(settings: Settings, ds_id: str) -> Path:

@@ -20,7 +20,9 @@ Celery's hour: a long job's message redelivered while it trains finds the job ru
 """
 
 from celery import Celery
+from celery.result import AsyncResult
 
+from app.core.jobs import GenerateTask
 from app.core.settings import get_settings
 
 TRAIN_QUEUE = "train"
@@ -49,6 +51,13 @@ celery_app.conf.update(
 def enqueue_train(job_id: str) -> None:
     """Send a job's train task (by name: the sender never imports the trainer)."""
     celery_app.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def enqueue_generate(task: GenerateTask) -> AsyncResult:
+    """Send a generate task as one JSON argument; its answer comes on the Redis stream ``task.gen_id``, never
+    as a Celery result (so none is stored)."""
+    return celery_app.send_task(GENERATE_TASK, args=[task.model_dump(mode="json")], queue=GENERATE_QUEUE,
+                                ignore_result=True)
 
 
 def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:

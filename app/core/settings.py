@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.apikeys import ApiKeyEntry
 from app.core.ids import hub_repo_id_problem
+from app.core.jobs import MAX_INLINE_ROWS, MAX_LENGTH, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPTS
 
 #: Built-in base models that work offline (see worker/models.py for how each loads).
 BUILTIN_MODELS = ("gemma-3-270m", "tiny-gemma")
@@ -105,6 +106,7 @@ class Settings(BaseSettings):
         "with out_of_memory instead of the machine swapping or the kernel killing the worker.")
 
     # -- security and limits (README "Security and limits"; app/api/auth.py, app/api/limits.py) ----------
+    # The request bounds default to the job contract's (app/core/jobs.py), which a deployment may only lower.
     api_keys: list[ApiKeyEntry] = Field(
         default_factory=list, description="API keys as a JSON list of {sha256, tenant, admin}; none: open."
     )
@@ -113,14 +115,17 @@ class Settings(BaseSettings):
     )
     allow_open: bool = Field(False, description="Serve with no API keys on a non-loopback address anyway.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest JSON request body (413).")
-    max_inline_rows: int = Field(10_000, ge=1, description="Most rows in dataset.rows (and validation rows).")
+    max_inline_rows: int = Field(MAX_INLINE_ROWS, ge=1, le=MAX_INLINE_ROWS,
+                                 description="Most rows in dataset.rows (and validation rows).")
     max_step_examples: int = Field(
         1_000_000, ge=1, description="Most max_steps x batch_size x gradient_accumulation_steps of a job."
     )
-    max_length: int = Field(8192, ge=16, description="Largest hyperparameters.max_length.")
-    max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens of a generate request.")
-    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt of a generate request, in characters.")
-    max_prompts: int = Field(16, ge=1, description="Most prompts in one generate request.")
+    max_length: int = Field(MAX_LENGTH, ge=16, le=MAX_LENGTH, description="Largest hyperparameters.max_length.")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
+                                description="Largest max_new_tokens of a generate request.")
+    max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS,
+                                  description="Longest prompt of a generate request, in characters.")
+    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="Most prompts in one generate request.")
     max_active_jobs: int = Field(8, ge=1, description="Queued + running jobs a tenant may have at once (429).")
     generate_rate: int = Field(120, ge=1, description="Generate requests a tenant may make per rate window (429).")
     generate_rate_window_s: int = Field(60, ge=1, description="The generate rate's fixed window, in seconds.")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.core.jobs import JobCreate
+from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
 from tests.train.test_trainer import Recorder
 from worker.train.recipe import build_trainer
@@ -20,13 +20,11 @@ CHAT_ROWS = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
                            {"role": "assistant", "content": f"THE NUMBER IS {i}!"}]} for i in range(12)]
 
 
-def _payload(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def _payload(rows: list[dict[str, Any]], **extra: Any) -> JobSpec:
     body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": rows}, "hyperparameters": {
         "max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 96,
         "gradient_checkpointing": False, "seed": 5}} | extra)
-    payload = body.model_dump()
-    payload["template_given"] = "template" in body.model_fields_set
-    return payload
+    return JobSpec.from_request(body, "tiny-gemma", default_seed=0)
 
 
 @pytest.fixture

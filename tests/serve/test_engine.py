@@ -20,7 +20,8 @@ from app.core.errors import UserFacingError
 from app.core.settings import Settings
 from worker.models import builtin_path, load_model, load_tokenizer
 from worker.serve.multi_lora import TARGETS
-from worker.serve.pool import Engine, generate_texts
+from worker.serve.pool import EnginePool
+from worker.train.samples import generate_texts
 
 PROMPTS = ["Quote: Life is", "Quote: Be yourself; everyone else is already taken", "Quote: The only way to do"]
 
@@ -76,7 +77,7 @@ def test_mixed_batch_equals_alone(tiny: tuple[Settings, list[str]]) -> None:
     """Base, three adapters, greedy and seeded sampling, a stop string, one request of two prompts: submitted
     at once they share decode steps, and each gets what it gets alone."""
     settings, (a, b, c, *_) = tiny
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     reqs = [req(PROMPTS[0]), req(PROMPTS[1], a), req(PROMPTS[2], b, max_new_tokens=14),
             req(PROMPTS[0], c, do_sample=True, seed=3, temperature=0.9, top_p=0.9, top_k=20),
             req(PROMPTS[:2], a, max_new_tokens=6), req(PROMPTS[1], None, do_sample=True, seed=5)]
@@ -93,7 +94,7 @@ def test_mixed_batch_equals_alone(tiny: tuple[Settings, list[str]]) -> None:
 
 def test_stop_strings_and_streamed_pieces(tiny: tuple[Settings, list[str]]) -> None:
     settings, (a, *_) = tiny
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     full = engine.generate(req(PROMPTS[0], a, max_new_tokens=12))["outputs"][0]
     assert full["finish_reason"] == "length" and full["tokens"] == 12
     stop = full["text"][len(full["text"]) // 2:][:3]
@@ -111,7 +112,7 @@ def test_stop_strings_and_streamed_pieces(tiny: tuple[Settings, list[str]]) -> N
 
 def test_adapter_slots_are_an_lru_and_reload_identically(tiny: tuple[Settings, list[str]]) -> None:
     settings, adapters = tiny
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     first = {a: texts(engine.generate(req(PROMPTS[1], a))) for a in adapters}
     loaded = engine.loaded()["tiny-gemma:nf4"]
     assert loaded == adapters[-3:], "three slots keep the three most recently used"
@@ -123,7 +124,7 @@ def test_adapter_slots_are_an_lru_and_reload_identically(tiny: tuple[Settings, l
 
 def test_unservable_adapters_are_user_errors(tiny: tuple[Settings, list[str]], tmp_path: Path) -> None:
     settings, (a, *_) = tiny
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     pickled = settings.adapter_dir / names(1, 90)[0]
     pickled.mkdir(parents=True)
     (pickled / "adapter_config.json").write_text((settings.adapter_dir / a / "adapter_config.json").read_text())
@@ -158,7 +159,7 @@ def test_gemma3_270m_matches_peft_generate_alone_and_batched(tmp_path: Path) -> 
     tuned_ref = [generate_texts(peft, tok, [p], 8)[0]["text"] for p in prompts]
     del model, peft
     assert tuned_ref != base_ref
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     reqs = [req(p, ad, "gemma-3-270m", max_new_tokens=8) for ad in (None, adapter) for p in prompts]
     alone = [texts(engine.generate(r))[0] for r in reqs]
     assert alone == base_ref + tuned_ref

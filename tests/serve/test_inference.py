@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from app.core.errors import UserFacingError
-from app.core.jobs import JobCreate
+from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
-from worker.serve.pool import Engine
+from worker.serve.pool import EnginePool
 from worker.train.recipe import train
 
 
@@ -27,11 +27,11 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, quotes: list[dict[str, An
     settings = Settings(data_dir=root, device="cpu", adapter_cache_size=1)
     names = []
     for i, lr in enumerate((5e-3, 1e-2)):
-        payload = JobCreate.model_validate({
+        payload = JobSpec.from_request(JobCreate.model_validate({
             "base_model": "tiny-gemma", "dataset": {"rows": quotes[i * 8:(i + 1) * 8]},
             "hyperparameters": {"max_steps": 10, "batch_size": 4, "gradient_accumulation_steps": 1,
                                 "learning_rate": lr, "max_length": 64, "gradient_checkpointing": False,
-                                "seed": i, "lora": {"r": 8, "alpha": 64}}}).model_dump()
+                                "seed": i, "lora": {"r": 8, "alpha": 64}}}), "tiny-gemma", default_seed=0)
         name = f"job_{i:022x}"
         train(payload, settings.adapter_dir / name, _Quiet(), settings)
         names.append(name)
@@ -50,7 +50,7 @@ def _texts(result: dict[str, Any]) -> list[str]:
 
 def test_lru_evicts_and_reloads_with_identical_output(adapters: tuple[Settings, list[str]]) -> None:
     settings, (a, b) = adapters
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     base = _texts(engine.generate(_req(None)))
     first_a = _texts(engine.generate(_req(a)))
     first_b = _texts(engine.generate(_req(b)))
@@ -62,7 +62,7 @@ def test_lru_evicts_and_reloads_with_identical_output(adapters: tuple[Settings, 
 
 def test_stop_string_cuts_the_text(adapters: tuple[Settings, list[str]]) -> None:
     settings, _ = adapters
-    engine = Engine(settings)
+    engine = EnginePool(settings)
     full = engine.generate(_req(None, prompts=["Quote: Life is"], max_new_tokens=12))["outputs"][0]
     assert full["finish_reason"] == "length" and len(full["text"]) > 4
     stop = full["text"][len(full["text"]) // 2:][:3]
@@ -74,5 +74,5 @@ def test_stop_string_cuts_the_text(adapters: tuple[Settings, list[str]]) -> None
 def test_missing_adapter_files_is_a_user_error(adapters: tuple[Settings, list[str]]) -> None:
     settings, _ = adapters
     with pytest.raises(UserFacingError) as e:
-        Engine(settings).generate(_req("job_" + "f" * 22))
+        EnginePool(settings).generate(_req("job_" + "f" * 22))
     assert e.value.code == "adapter_not_found"

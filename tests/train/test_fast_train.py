@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from app.core.jobs import JobCreate
+from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
 from tests.core.test_formats import CHAT_ROWS, PC_ROWS
 from tests.train.test_trainer import Recorder
@@ -20,14 +20,12 @@ from worker.train.packing import IGNORE, PackedBin, PackedStep, PackingCollator,
 from worker.train.recipe import build_trainer
 
 
-def _payload(rows: list[dict[str, Any]], **hp: Any) -> dict[str, Any]:
+def _payload(rows: list[dict[str, Any]], base_model: str = "tiny-gemma", **hp: Any) -> JobSpec:
     body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": rows}, "hyperparameters": {
         "max_steps": 3, "batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 96,
         "gradient_checkpointing": False, "seed": 11, "warmup_steps": 0, "learning_rate": 1e-3} | hp,
         "validation": {"fraction": 0}})
-    payload = body.model_dump()
-    payload["template_given"] = False
-    return payload
+    return JobSpec.from_request(body, base_model, default_seed=0)
 
 
 def _record(trainer: Any) -> list[dict[str, torch.Tensor]]:
@@ -160,8 +158,7 @@ def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path
     7e-5 (relative norm). gemma-3-270m mixes sliding-window and full attention layers (a mask per layer type)."""
     settings = Settings(data_dir=tmp_path, device="cpu", train_fast_path=True, train_token_budget=48,
                         train_packing=packing)
-    payload = _payload(quotes[:16], quantization="none", batch_size=8, gradient_accumulation_steps=1)
-    payload["base_model"] = model
+    payload = _payload(quotes[:16], base_model=model, quantization="none", batch_size=8, gradient_accumulation_steps=1)
     trainer, _, _, _ = build_trainer(payload, Recorder(), settings, str(tmp_path / "run"))
     model = trainer.model
     if packing:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.core.errors import UserFacingError
-from app.core.jobs import JobCreate
+from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
 from worker.train.recipe import train
 
@@ -34,11 +34,12 @@ class Recorder:
         return self.stop_after is not None and len(self.steps) >= self.stop_after
 
 
-def _payload(rows: list[dict[str, Any]], **hp: Any) -> dict[str, Any]:
+def _payload(rows: list[dict[str, Any]], template: str | None = None, **hp: Any) -> JobSpec:
+    """The spec the API would store for these rows (app/api/services/jobs.py builds it the same way)."""
     body = JobCreate.model_validate({"base_model": "tiny-gemma", "dataset": {"rows": rows}, "hyperparameters": {
         "max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 64,
-        "gradient_checkpointing": False, "seed": 1} | hp})
-    return body.model_dump()
+        "gradient_checkpointing": False, "seed": 1} | hp} | ({"template": template} if template else {}))
+    return JobSpec.from_request(body, "tiny-gemma", default_seed=0)
 
 
 @pytest.fixture
@@ -69,8 +70,7 @@ def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Pa
 
 
 def test_template_field_missing_is_a_user_error(settings: Settings, tmp_path: Path) -> None:
-    payload = _payload([{"quote": "q", "author": "a"}])
-    payload["template"] = "Quote: {quote} ({year})"
+    payload = _payload([{"quote": "q", "author": "a"}], template="Quote: {quote} ({year})")
     with pytest.raises(UserFacingError) as e:
         train(payload, tmp_path / "x", Recorder(), settings)
     assert e.value.code == "template_field_missing" and "'year'" in e.value.message
@@ -163,7 +163,8 @@ def test_each_step_is_logged_after_the_next_is_queued_and_before_evals_and_the_e
             kind = "loss" if "loss" in logs else "eval" if "eval_loss" in logs else "summary"
             seen.append((kind, state.global_step))
 
-    trainer, *_ = build_trainer(body.model_dump(), Recorder(), settings, str(tmp_path / "run"))
+    trainer, *_ = build_trainer(JobSpec.from_request(body, "tiny-gemma", default_seed=0), Recorder(), settings,
+                                str(tmp_path / "run"))
     trainer.add_callback(Order())
     out = trainer.train()
     assert seen == [("end", 1), ("end", 2), ("loss", 1), ("end", 3), ("loss", 2), ("loss", 3), ("eval", 3),

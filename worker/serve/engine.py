@@ -4,8 +4,8 @@ Requests (one row per prompt) wait in a queue; between decode steps the thread a
 together, right-padded, into free rows of a static per-row KV cache), then runs one decode step for all
 rows, samples each row with its own settings, streams text pieces and drops finished rows. Each row
 keeps its own position, so rows that joined at different times share a step. A row's adapter is a slot
-of worker.serve.multi_lora; adapters are read from disk on a loader thread, so a cold adapter delays only the
-requests that need it.
+of worker.serve.multi_lora; adapters are read from disk on a loader thread (worker.serve.adapter_slots), so a
+cold adapter delays only the requests that need it.
 
 Why not transformers' own continuous batching (``generate_batch`` / paged cache): it has no per-row
 adapter and one generation config for the whole batch; this needs both.
@@ -19,12 +19,10 @@ from __future__ import annotations
 import inspect
 import logging
 import queue
-import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,58 +30,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from app.core.errors import UserFacingError
-from worker.serve.multi_lora import AdapterWeights, install, read_adapter, write_slot
+from worker.decoding import LENGTH, STOP, FinishReason, decode_new, finished_output, has_stop
+from worker.serve.adapter_slots import BASE_MODEL, AdapterSlots
+from worker.serve.kv_cache import SlotCache
+from worker.serve.multi_lora import install
+from worker.serve.sampling import Params, holdback, sample
 
 log = logging.getLogger("ftaas.batcher")
 Piece = Callable[[int, str], None]  # (prompt index, new text)
-ADAPTER_ID = re.compile(r"job_[0-9a-f]{22}")
-
-
-class SlotCache:
-    """Static K/V per layer, ``[rows, kv_heads, length, head_dim]``; each row writes at its own position.
-
-    Prefill mode writes a group of rows from position 0 and attends over the prompt alone; decode mode
-    writes one token per row at ``pos[row]`` and returns the first ``n`` rows' whole cache (the mask hides
-    what a row has not written)."""
-
-    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, length: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (rows, kv_heads, length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.rows_idx = torch.arange(rows, device=device)
-        self.prefill_rows: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None
-        self.length = length
-        self.is_compileable = True
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        if self.prefill_rows is not None:
-            t = key.shape[2]
-            k[self.prefill_rows, :, :t] = key
-            v[self.prefill_rows, :, :t] = value
-            return key, value
-        assert self.pos is not None
-        n = key.shape[0]
-        k[self.rows_idx[:n], :, self.pos] = key[:, :, 0]
-        v[self.rows_idx[:n], :, self.pos] = value[:, :, 0]
-        return k[:n], v[:n]
-
-
-@dataclass
-class Params:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -109,13 +63,13 @@ class _Row:
     index: int
     prompt: list[int]
     ids: list[int] = field(default_factory=list)
-    row: int = -1
-    slot: int = -1
+    row: int = -1  # its row of the cache and the step buffers (-1 while waiting)
+    slot: int = BASE_MODEL  # its adapter's slot
     pos: int = 0
     sent: int = 0
     gen: torch.Generator | None = None
     text: str = ""  # decoded so far (kept only for stop strings and streaming)
-    prefix: int = 0
+    prefix: int = 0  # ids[prefix:read]: the window worker.decoding.decode_new decodes again
     read: int = 0
 
 
@@ -144,23 +98,20 @@ class BatchEngine:
         params = inspect.signature(model.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         # static buffers of the decode step (rows not running hold token 0 at position 0, no adapter)
-        self.ids = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.ids = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)  # [rows, 1] each row's next token
+        self.pos = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # [rows] its position
         # host copies, written per row and sent in one copy per step (not one tiny copy per row)
         pin = self.device.type == "cuda"
-        self.ids_host = torch.zeros(max_rows, 1, dtype=torch.long, pin_memory=pin)
-        self.pos_host = torch.zeros(max_rows, dtype=torch.long, pin_memory=pin)
+        self.ids_host = torch.zeros(max_rows, 1, dtype=torch.long, pin_memory=pin)  # [rows, 1]
+        self.pos_host = torch.zeros(max_rows, dtype=torch.long, pin_memory=pin)  # [rows]
+        # [rows, slots * rank] 0/1: each row's adapter block of the stacked LoRA columns (zeros: the base model)
         self.lora_mask = torch.zeros(max_rows, slots * rank, dtype=self.dtype, device=self.device)
-        self.key_idx = torch.arange(self.cache.length, device=self.device)
-        # adapters: slot LRU (oldest first) and how many running rows use each slot
-        self.slot_of: OrderedDict[str, int] = OrderedDict()
-        self.free_slots = list(range(slots))
-        self.slot_users = [0] * slots
-        self.loading: dict[str, Future[AdapterWeights]] = {}
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-        self.rows: list[_Row | None] = [None] * max_rows
+        self.key_idx = torch.arange(self.cache.length, device=self.device)  # [length] key positions for the mask
+        self.adapters = AdapterSlots(self.wrapped, slots, rank, adapter_dir)
+        self.rows: list[_Row | None] = [None] * max_rows  # [rows] the row running in each cache row
         self.waiting: list[_Row] = []
         self.inbox: queue.Queue[_Request] = queue.Queue()
+        # batch bucket -> (its captured decode step, that step's output logits [bucket, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_rows] + [max_rows]
         self.steps = 0
@@ -184,7 +135,7 @@ class BatchEngine:
         return req.future
 
     def loaded_adapters(self) -> list[str]:
-        return list(self.slot_of)
+        return self.adapters.loaded()
 
     def busy(self) -> bool:
         return bool(self.waiting) or any(self.rows) or not self.inbox.empty()
@@ -193,7 +144,7 @@ class BatchEngine:
         self._stop = True
         self.inbox.put(None)  # type: ignore[arg-type]
         self.thread.join(30)
-        self.loader.shutdown(wait=False)
+        self.adapters.close()
 
     # -- the model --------------------------------------------------------------------------------
     def _masks(self, full: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Any:
@@ -220,9 +171,9 @@ class BatchEngine:
         pos = self.pos[:n]
         self.cache.prefill_rows, self.cache.pos = None, pos
         self.ctx.mask = self.lora_mask[:n]
-        q, k = pos[:, None, None, None], self.key_idx[None, None, None, :]
-        hidden = self._forward(self.ids[:n], pos[:, None], self._masks(k <= q, q, k))
-        return self._logits(hidden[:, -1])
+        q, k = pos[:, None, None, None], self.key_idx[None, None, None, :]  # [n, 1, 1, 1], [1, 1, 1, length]
+        hidden = self._forward(self.ids[:n], pos[:, None], self._masks(k <= q, q, k))  # [n, 1, hidden]
+        return self._logits(hidden[:, -1])  # [n, vocab]
 
     def _capture(self) -> None:
         t = time.monotonic()
@@ -246,28 +197,22 @@ class BatchEngine:
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
         """Right-padded prompts of ``rows`` into their cache rows; the logits at each one's last token."""
         t = max(len(r.prompt) for r in rows)
-        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        ids = torch.zeros(len(rows), t, dtype=torch.long)  # [group, longest prompt] right-padded
         for i, r in enumerate(rows):
             ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
-        idx = torch.tensor([r.row for r in rows], device=self.device)
+        idx = torch.tensor([r.row for r in rows], device=self.device)  # [group] their cache rows
         self.cache.prefill_rows, self.cache.pos = idx, None
         self.ctx.mask = self.lora_mask[idx]
         p = torch.arange(t, device=self.device)
         q, k = p[None, None, :, None], p[None, None, None, :]
         pos = p[None, :].expand(len(rows), t)
-        hidden = self._forward(ids.to(self.device), pos, self._masks(k <= q, q, k))
+        hidden = self._forward(ids.to(self.device), pos, self._masks(k <= q, q, k))  # [group, t, hidden]
         last = torch.tensor([len(r.prompt) - 1 for r in rows], device=self.device)
         return self._logits(hidden[torch.arange(len(rows), device=self.device), last])
 
     def _grow(self, length: int) -> None:
         """Eager mode only: a longer cache, the rows' K/V kept."""
-        c = self.cache
-        for layer in (c.k, c.v):
-            for i, old in enumerate(layer):
-                new = old.new_zeros(*old.shape[:2], length, old.shape[3])
-                new[:, :, : c.length] = old
-                layer[i] = new
-        c.length = length
+        self.cache.grow(length)
         self.key_idx = torch.arange(length, device=self.device)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -315,46 +260,19 @@ class BatchEngine:
                 self.waiting.append(_Row(req, i, ids, gen=gen))
 
     def _adapter_slot(self, req: _Request) -> int | None:
-        """The slot of the request's adapter (-1 for none), or None while it loads or no slot is free."""
+        """The slot of the request's adapter (BASE_MODEL for none), or None while it loads or no slot is free;
+        marks the request a cache ``hit`` or ``load``."""
         name = req.adapter
         if name is None:
-            return -1
-        if not ADAPTER_ID.fullmatch(name):  # checked before it becomes a path
-            raise UserFacingError("adapter_not_found", f"no adapter {name!r}")
-        if name in self.slot_of:
-            self.slot_of.move_to_end(name)
+            return BASE_MODEL
+        if self.adapters.holds(name):
             if req.cache is None:
                 req.cache = "hit"
-            return self.slot_of[name]
-        req.cache = "load"
-        if req.t_load is None:
-            req.t_load = time.monotonic()
-        fut = self.loading.get(name)
-        if fut is None:
-            self.loading[name] = self.loader.submit(self._read, name, time.monotonic())
-            return None
-        if not fut.done():
-            return None
-        if fut.exception() is not None:
-            del self.loading[name]
-            fut.result()  # raises UserFacingError for a missing or unsupported adapter
-        if not self.free_slots:
-            idle = [a for a, s in self.slot_of.items() if self.slot_users[s] == 0]
-            if not idle:
-                return None
-            self.free_slots.append(self.slot_of.pop(idle[0]))
-            log.info("evicting adapter %s", idle[0])
-        weights = self.loading.pop(name).result()
-        slot = self.free_slots.pop()
-        write_slot(self.wrapped, slot, weights)
-        self.slot_of[name] = slot
-        req.cache = "load"
-        return slot
-
-    def _read(self, name: str, t: float) -> AdapterWeights:
-        weights = read_adapter(self.adapter_dir / name, name, self.rank, set(self.wrapped))
-        log.info("read adapter %s (%.1f MB) in %.0f ms", name, weights.nbytes / 1e6, (time.monotonic() - t) * 1e3)
-        return weights
+        else:
+            req.cache = "load"
+            if req.t_load is None:
+                req.t_load = time.monotonic()
+        return self.adapters.slot_for(name)
 
     def _admit(self) -> None:
         admitted: list[_Row] = []
@@ -382,8 +300,8 @@ class BatchEngine:
             r.row, r.slot, r.pos = free[0], slot, len(r.prompt)
             self.rows[r.row] = r
             self.lora_mask[r.row].zero_()
-            if slot >= 0:
-                self.slot_users[slot] += 1
+            if slot != BASE_MODEL:
+                self.adapters.use(slot)
                 self.lora_mask[r.row, slot * self.rank:(slot + 1) * self.rank] = 1
             budget -= len(r.prompt)
             admitted.append(r)
@@ -413,33 +331,34 @@ class BatchEngine:
         now = time.monotonic()
         for i, r in enumerate(rows):
             p = r.req.params
-            token = int(greedy[at[i]]) if not p.do_sample else _sample(logits[at[i]], p, r.gen)
+            token = int(greedy[at[i]]) if not p.do_sample else sample(logits[at[i]], p, r.gen)
             if r.req.t_first is None:
                 r.req.t_first = now
-            finish = None
+            finish: FinishReason | None = None
             if token in self.eos:
-                finish = "stop"
+                finish = STOP
             else:
                 r.ids.append(token)
             if (p.stop or r.req.on_piece) and finish is None:
-                self._detokenize(r)
-                if any(s in r.text for s in p.stop):
-                    finish = "stop"
+                new, r.prefix, r.read = decode_new(self.tok, r.ids, r.prefix, r.read)
+                r.text += new
+                if has_stop(r.text, p.stop):
+                    finish = STOP
             if finish is None and (len(r.ids) >= p.max_new_tokens or r.pos >= self.max_len):
-                finish = "length"
+                finish = LENGTH
             text = r.text
+            output: dict[str, Any] | None = None
             if finish:  # the whole decode once, cut at the first stop string
-                text = str(self.tok.decode(r.ids, skip_special_tokens=True))
-                cuts = [text.index(s) for s in p.stop if s in text]
-                if cuts:
-                    text, finish = text[: min(cuts)], "stop"
+                whole = str(self.tok.decode(r.ids, skip_special_tokens=True))
+                output = finished_output(whole, len(r.ids), finish, p.stop)
+                text = output["text"]
             if r.req.on_piece:
-                safe = text if finish else _holdback(text, p.stop)
+                safe = text if finish else holdback(text, p.stop)
                 if len(safe) > r.sent:
                     r.req.on_piece(r.index, safe[r.sent:])
                     r.sent = len(safe)
-            if finish:
-                self._finish(r, {"text": text, "tokens": len(r.ids), "finish_reason": finish})
+            if output is not None:
+                self._finish(r, output)
             else:
                 self.ids_host[r.row, 0] = token
                 self.pos_host[r.row] = r.pos
@@ -447,27 +366,17 @@ class BatchEngine:
         self.ids.copy_(self.ids_host, non_blocking=True)
         self.pos.copy_(self.pos_host, non_blocking=True)
 
-    def _detokenize(self, r: _Row) -> None:
-        """Extend ``r.text`` by the newest token's text, decoding only the last few tokens (a whole decode per
-        token per row costs O(length) each step); the window keeps one token before the new ones so a
-        tokenizer's word-start handling sees the same context (as vLLM's incremental detokenizer)."""
-        before = str(self.tok.decode(r.ids[r.prefix:r.read], skip_special_tokens=True))
-        after = str(self.tok.decode(r.ids[r.prefix:], skip_special_tokens=True))
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            r.text += after[len(before):]
-            r.prefix, r.read = r.read, len(r.ids)
-
-    def _release(self, r: _Row) -> None:
+    def _free_row(self, r: _Row) -> None:
         if r.row >= 0 and self.rows[r.row] is r:
             self.rows[r.row] = None
             self.ids_host[r.row, 0] = 0
             self.pos_host[r.row] = 0
             self.lora_mask[r.row].zero_()
-            if r.slot >= 0:
-                self.slot_users[r.slot] -= 1
+            if r.slot != BASE_MODEL:
+                self.adapters.release(r.slot)
 
     def _finish(self, r: _Row, output: dict[str, Any]) -> None:
-        self._release(r)
+        self._free_row(r)
         req = r.req
         req.outputs[r.index] = output
         req.left -= 1
@@ -482,32 +391,8 @@ class BatchEngine:
 
     def _fail(self, req: _Request, e: Exception) -> None:
         for r in [x for x in self.rows if x is not None and x.req is req]:
-            self._release(r)
+            self._free_row(r)
         self.waiting = [x for x in self.waiting if x.req is not req]
         if not req.future.done():
             req.future.set_exception(e)
 
-
-def _sample(logits: torch.Tensor, p: Params, gen: torch.Generator | None) -> int:
-    x = logits / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, -1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p (at least one)
-        x = x.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen).item())
-
-
-def _holdback(text: str, stop: list[str]) -> str:
-    """What may be streamed now: not a trailing partial character, nor a tail that could begin a stop string."""
-    text = text.rstrip("\ufffd")
-    keep = len(text)
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = min(keep, len(text) - k)
-                break
-    return text[:keep]

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from app.core.errors import UserFacingError
+from app.core.jobs import ALL_PROJECTIONS
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS: tuple[str, ...] = tuple(ALL_PROJECTIONS)  # every projection a job may target (the API's list)
 
 
 class LoraContext:

@@ -1,9 +1,9 @@
 """Adapter inference: one continuous-batching engine per base model (worker.serve.engine), bases in an LRU.
 
-Plain Python (no Celery). ``Engine.generate`` may be called from many threads at once (the generate
+Plain Python (no Celery). ``EnginePool.generate`` may be called from many threads at once (the generate
 worker runs a thread pool): every call is queued to its base model's engine thread, which decodes all
 running requests together, each with its own adapter (worker.serve.multi_lora), sampling settings and stop
-strings. ``generate_texts`` (HF ``generate``, one batch at a time) stays for the trainer's samples.
+strings. The trainer's before/after samples are worker/train/samples.py (HF ``generate``, one batch at a time).
 """
 
 from __future__ import annotations
@@ -18,36 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, set_seed
 
 from app.core.settings import Settings
 from worker.models import load_model, load_tokenizer, pick_device
-from worker.serve.engine import BatchEngine, Params, Piece
+from worker.nf4 import dequantize_nf4, nf4_layer_count
+from worker.serve.engine import BatchEngine, Piece
+from worker.serve.sampling import Params
 
 log = logging.getLogger("ftaas.inference")
-
-
-def dequantize_nf4(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every bitsandbytes Linear4bit by a plain Linear holding its dequantized weight (once).
-
-    The values are exactly those the NF4 layer computes with (and the adapter was trained against);
-    only the per-step dequantization goes. Returns how many layers were replaced."""
-    import bitsandbytes as bnb
-
-    n = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                state = child.weight.quant_state  # type: ignore[attr-defined]
-                weight = bnb.functional.dequantize_4bit(child.weight.data, state).to(dtype)
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=weight.device, dtype=dtype)
-                linear.weight.data = weight
-                if child.bias is not None:
-                    linear.bias.data = child.bias.data.to(dtype)
-                setattr(module, name, linear)
-                n += 1
-    return n
 
 
 def _slot_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> int:
@@ -59,7 +37,10 @@ def _slot_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> int:
     return total * rank * torch.empty((), dtype=dtype).element_size()
 
 
-class Engine:
+class EnginePool:
+    """One BatchEngine per (base model, quantization), in an LRU: past ``base_cache_size`` the least recently
+    used idle base is closed and freed."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._bases: OrderedDict[tuple[str, str], BatchEngine] = OrderedDict()
@@ -91,7 +72,9 @@ class Engine:
         model.eval()  # (on the CPU, load_model turned bitsandbytes' weight repacking off)
         weights = s.serve_weights if s.serve_weights != "auto" else ("bf16" if device == "cuda" else "nf4")
         if weights == "bf16" and quantization == "nf4":
-            log.info("dequantized %d NF4 layers of %s for serving", dequantize_nf4(model, model.dtype), name)
+            layers = nf4_layer_count(model)
+            model = dequantize_nf4(model, model.dtype)
+            log.info("dequantized %d NF4 layers of %s for serving", layers, name)
         dtype: torch.dtype = model.get_input_embeddings().weight.dtype  # type: ignore[assignment]
         per_slot = _slot_bytes(model, s.serve_lora_max_rank, dtype)
         slots = max(1, min(s.adapter_cache_size, int(s.adapter_cache_mb * 2**20) // max(per_slot, 1)))
@@ -108,7 +91,7 @@ class Engine:
     def serving(self) -> dict[str, Any]:
         """What ``GET /adapters`` shows for this worker."""
         return {"bases": [{"base_model": n, "quantization": q, "adapters": b.loaded_adapters(),
-                           "adapter_slots": len(b.slot_users)} for (n, q), b in list(self._bases.items())]}
+                           "adapter_slots": b.adapters.size} for (n, q), b in list(self._bases.items())]}
 
     def submit(self, req: dict[str, Any], on_piece: Piece | None = None) -> Future[dict[str, Any]]:
         """``req``: prompts, base_model, quantization, adapter (or None) and the sampling fields.
@@ -139,38 +122,3 @@ class Engine:
     def generate(self, req: dict[str, Any], on_piece: Piece | None = None) -> dict[str, Any]:
         return self.submit(req, on_piece).result()
 
-
-def generate_texts(model: Any, tok: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
-                   seed: int | None = None, stop: list[str] | None = None) -> list[dict[str, Any]]:
-    """Continuations of left-padded ``prompts``: text (prompt excluded), token count, finish reason."""
-    # decoder-only batches pad on the left (per call: the tokenizer is shared, worker/models.py)
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "pad_token_id": tok.pad_token_id}
-    if do_sample:
-        kwargs |= {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    else:
-        kwargs |= {"temperature": None, "top_p": None, "top_k": None}
-    if stop:
-        kwargs |= {"stop_strings": stop, "tokenizer": tok}
-    if seed is not None:
-        set_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(**enc, **kwargs)
-    return [_decode(tok, row, stop or []) for row in out[:, enc["input_ids"].shape[1]:]]
-
-
-def _decode(tok: PreTrainedTokenizerBase, row: torch.Tensor, stop: list[str]) -> dict[str, Any]:
-    ids = row.tolist()
-    finish = "length"
-    eos = {tok.eos_token_id, tok.pad_token_id} - {None}
-    for i, t in enumerate(ids):
-        if t in eos:
-            ids, finish = ids[:i], "stop"
-            break
-    text = tok.decode(ids, skip_special_tokens=True)
-    cuts = [text.index(s) for s in stop if s in text]
-    if cuts:
-        text, finish = text[: min(cuts)], "stop"
-    return {"text": text, "tokens": len(ids), "finish_reason": finish}

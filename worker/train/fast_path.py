@@ -16,9 +16,10 @@ Semantics (the same as the notebook's recipe, only grouped differently):
 * The logits are never materialised whole: the packed loss runs the LM head in chunks (trl's fused LM head on
   the padded path).
 
-GPU-only helpers: ``dequantize_nf4`` (bnb's own dequantisation through transformers, once, so the matmuls run
-in bf16 without a per-call dequantize), ``auto_token_budget`` (from free memory and the model's shape) and
-``compile_decoder_layers`` (regional ``torch.compile`` of each decoder layer for training; opt-in).
+GPU-only helpers: ``auto_token_budget`` (from free memory and the model's shape) and ``compile_decoder_layers``
+(regional ``torch.compile`` of each decoder layer for training; opt-in). The NF4 base is dequantised once
+beforehand (worker/nf4.py: bnb's own dequantisation through transformers, so the matmuls run in bf16 without a
+per-call dequantize).
 """
 
 from __future__ import annotations
@@ -113,21 +114,6 @@ def pack_budget(budget: int) -> int:
     ``PACK_MAX_TOKENS``. Measured (RESULTS.md run T5, H200, gemma-2b shape, rows of 256,
     CUDA graphs, 40 steps): 23,809 tokens/s with 3,072-token bins (16.4 GiB), 22,958 with 4,096 (19.5 GiB)."""
     return min(PACK_MAX_TOKENS, max(CAPACITY_STEP, budget // CAPACITY_STEP * CAPACITY_STEP))
-
-
-def dequantize_nf4(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """Replace every bnb ``Linear4bit`` with a plain Linear holding bnb's dequantised weight (transformers'
-    ``dequantize``): the same values the NF4 forward dequantises on every call, computed once.
-
-    The model keeps ``is_loaded_in_4bit`` so that trl still casts the LoRA weights to bf16 as for QLoRA.
-    """
-    was_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    try:
-        model = model.dequantize(dtype=dtype) or model
-    except TypeError:  # transformers releases whose dequantize() takes no dtype dequantize to the load dtype
-        model = model.dequantize() or model
-    model.is_loaded_in_4bit = was_4bit  # type: ignore[assignment]
-    return model
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:

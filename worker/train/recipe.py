@@ -31,9 +31,10 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.core.errors import UserFacingError
+from app.core.jobs import JobSpec, SpecHyperparameters
 from app.core.settings import Settings
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
-from worker.serve.pool import generate_texts
+from worker.nf4 import dequantize_nf4
 from worker.train import checkpoints
 from worker.train.checkpoints import CheckpointCallback, KeepAdapterDtypeOnResume
 from worker.train.data import PreparedData, prepare
@@ -41,10 +42,10 @@ from worker.train.fast_path import (
     FastSFTTrainer,
     auto_token_budget,
     compile_decoder_layers,
-    dequantize_nf4,
     pack_budget,
 )
 from worker.train.fused import fuse_gemma_norms, fuse_lora_linears
+from worker.train.samples import generate_texts
 
 log = logging.getLogger("ftaas.trainer")
 
@@ -110,23 +111,23 @@ class _ProgressCallback(TrainerCallback):
         self.reporter.progress(step, total, eta, metrics, point)
 
 
-def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData, fast: bool = False) -> SFTConfig:
+def _config(hp: SpecHyperparameters, device: str, output_dir: str, data: PreparedData, fast: bool = False) -> SFTConfig:
     half = compute_dtype(device)
     evaluating = data.validation is not None
     # The fast path (worker/train/fast_path.py) takes each step's whole effective batch as one Trainer batch.
-    per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
+    per_step = hp.examples_per_step
     return SFTConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=per_step if fast else hp["batch_size"],
-        per_device_eval_batch_size=64 if fast else max(hp["batch_size"], 8),
-        gradient_accumulation_steps=1 if fast else hp["gradient_accumulation_steps"],
-        warmup_steps=hp["warmup_steps"],
-        max_steps=hp["max_steps"],
-        learning_rate=hp["learning_rate"],
-        max_length=hp["max_length"],
-        gradient_checkpointing=hp["gradient_checkpointing"],
-        seed=hp["seed"],
-        data_seed=hp["seed"],
+        per_device_train_batch_size=per_step if fast else hp.batch_size,
+        per_device_eval_batch_size=64 if fast else max(hp.batch_size, 8),
+        gradient_accumulation_steps=1 if fast else hp.gradient_accumulation_steps,
+        warmup_steps=hp.warmup_steps,
+        max_steps=hp.max_steps,
+        learning_rate=hp.learning_rate,
+        max_length=hp.max_length,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        seed=hp.seed,
+        data_seed=hp.seed,
         bf16=device == "cuda" and half is torch.bfloat16,
         fp16=device == "cuda" and half is torch.float16,
         # The notebook's paged 8-bit AdamW needs CUDA; plain AdamW on the CPU; the fast path: fused AdamW.
@@ -137,7 +138,7 @@ def _config(hp: dict[str, Any], device: str, output_dir: str, data: PreparedData
         # when logging every step: a diverged job then looked fine. Log it as it is (``train`` fails the job).
         logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluating else "no",
-        eval_steps=hp.get("eval_interval") or max(1, hp["max_steps"] // 5),
+        eval_steps=hp.eval_interval or max(1, hp.max_steps // 5),
         assistant_only_loss=data.format == "messages",
         save_strategy="no",
         report_to="none",
@@ -175,41 +176,41 @@ class _FastTrainer(KeepAdapterDtypeOnResume, FastSFTTrainer):
     pass
 
 
-def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Settings,
+def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings,
                   output_dir: str) -> tuple[SFTTrainer, PreparedData, _ProgressCallback, dict[str, float]]:
     """Data, tokenizer, NF4 model and the SFTTrainer for a job, ready to train (tests inspect it)."""
-    hp = payload["hyperparameters"]
+    hp = spec.hyperparameters
     device = pick_device(settings)
     seconds: dict[str, float] = {}
     t = time.monotonic()
-    data = prepare(payload, settings)
+    data = prepare(spec, settings)
     try:
-        tokenizer = load_tokenizer(payload["base_model"], settings)
+        tokenizer = load_tokenizer(spec.base_model, settings)
         if data.format == "messages":
             _ensure_chat_template(tokenizer)
-        data.stats["tokens"] = _token_stats(data, tokenizer, hp["max_length"])
+        data.stats["tokens"] = _token_stats(data, tokenizer, hp.max_length)
         seconds["data"] = time.monotonic() - t
         reporter.event("dataset_stats", data.stats, {"dataset_stats": data.stats})
         t = time.monotonic()
-        model = load_model(payload["base_model"], hp["quantization"], settings)
+        model = load_model(spec.base_model, hp.quantization, settings)
         fast = settings.train_fast_path
-        if fast and device == "cuda" and settings.train_dequantize and hp["quantization"] == "nf4":
+        if fast and device == "cuda" and settings.train_dequantize and hp.quantization == "nf4":
             model = dequantize_nf4(model, compute_dtype(device))
     except UserFacingError:
         raise
     except OSError as e:  # hub or disk: not found, gated, no network
-        raise UserFacingError("model_unavailable", f"could not load base model {payload['base_model']!r}: {e}") from e
+        raise UserFacingError("model_unavailable", f"could not load base model {spec.base_model!r}: {e}") from e
     seconds["load"] = time.monotonic() - t
 
-    lora = hp["lora"]
+    lora = hp.lora
     peft_config = LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
     )
     callback = _ProgressCallback(reporter)
     extra: dict[str, Any] = {}
     if fast:
-        budget = auto_token_budget(model, device, hp["gradient_checkpointing"], settings.train_memory_gib,
+        budget = auto_token_budget(model, device, hp.gradient_checkpointing, settings.train_memory_gib,
                                    settings.train_token_budget)
         if settings.train_packing and not settings.train_token_budget:  # a budget set by hand is taken as is
             budget = pack_budget(budget)
@@ -223,8 +224,8 @@ def build_trainer(payload: dict[str, Any], reporter: Reporter, settings: Setting
     if fast and device == "cuda" and settings.train_fused_kernels:
         log.info("fused %d norms and %d LoRA projections", fuse_gemma_norms(trainer.model),  # type: ignore[arg-type]
                  fuse_lora_linears(trainer.model))  # type: ignore[arg-type]
-    examples = hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"]
-    if (fast and device == "cuda" and not hp["gradient_checkpointing"] and settings.train_compile_min_examples
+    examples = hp.max_steps * hp.examples_per_step
+    if (fast and device == "cuda" and not hp.gradient_checkpointing and settings.train_compile_min_examples
             and examples >= settings.train_compile_min_examples):
         log.info("compiled %d decoder layers for training", compile_decoder_layers(trainer.model))  # type: ignore[arg-type]
         trainer.cuda_graphs = False  # type: ignore[union-attr]  # compiled layers are not captured
@@ -257,16 +258,16 @@ def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: l
     return [o["text"] for o in outs]
 
 
-def train(payload: dict[str, Any], out_dir: Path, reporter: Reporter, settings: Settings,
+def train(spec: JobSpec, out_dir: Path, reporter: Reporter, settings: Settings,
           checkpoint_dir: Path | None = None, preempt: Callable[[], bool] | None = None) -> TrainOutcome:
-    """Train a LoRA adapter for the accepted request ``payload``; save it to ``out_dir`` unless cancelled.
+    """Train a LoRA adapter for the accepted job ``spec``; save it to ``out_dir`` unless cancelled.
 
     With ``checkpoint_dir``: checkpoints there (worker/train/checkpoints.py), resuming from the latest one;
     once ``preempt()`` holds, saves one and returns a ``preempted`` outcome.
     """
-    seed = payload["hyperparameters"]["seed"]
+    seed = spec.hyperparameters.seed
     with tempfile.TemporaryDirectory(prefix="ftaas-train-") as scratch:
-        trainer, data, callback, seconds = build_trainer(payload, reporter, settings, str(checkpoint_dir or scratch))
+        trainer, data, callback, seconds = build_trainer(spec, reporter, settings, str(checkpoint_dir or scratch))
         saver = CheckpointCallback(settings.checkpoint_interval if checkpoint_dir else 0, preempt,
                                    lambda: callback.cancelled)
         trainer.add_callback(saver)
