@@ -30,16 +30,18 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
+from app.core import paths
 from app.core.errors import UserFacingError
 from app.core.jobs import GenerateTask, JobSpec
 from app.core.lease import Heartbeat, Reaper
 from app.core.queue import GENERATE_TASK, TRAIN_TASK, celery_app, enqueue_train
 from app.core.settings import Settings, get_settings
-from app.core.store import DatasetStore, JobStore
+from app.core.store import DatasetStore, JobStore, redis_client
 
 log = logging.getLogger("ftaas.tasks")
 _engine: Any = None
-_store: JobStore | None = None
+#: One Redis client per process, by process id (``_redis``).
+_clients: dict[int, redis.Redis] = {}
 #: Set by SIGTERM in the training process: the job checkpoints at its next step and is requeued.
 _preempted = threading.Event()
 OOM_HINT = "out of memory: try a smaller batch_size or max_length (or a worker with more memory)"
@@ -118,8 +120,18 @@ def train_job(job_id: str) -> str:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _redis() -> redis.Redis:
+    """The process's one Redis client (one connection pool) for every store it uses. Per process id: a training
+    child forked from the worker's parent makes its own instead of sharing the parent's sockets."""
+    pid = os.getpid()
+    if pid not in _clients:
+        _clients.clear()
+        _clients[pid] = redis_client(get_settings().redis_url)
+    return _clients[pid]
+
+
 def _train(job_id: str, settings: Settings) -> str:
-    store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
+    store = JobStore(_redis(), settings.redis_prefix)
     if _preempted.is_set():  # stopped before it began: leave the job queued, with a message for it
         enqueue_train(job_id)
         return "preempted"
@@ -131,7 +143,7 @@ def _train(job_id: str, settings: Settings) -> str:
     leased = store.leased(token)
     heartbeat = Heartbeat(settings, job_id, token)
     heartbeat.start()
-    checkpoint_dir = settings.checkpoint_dir / job_id
+    checkpoint_dir = paths.checkpoint_dir(settings, job_id)
     limits = None
     try:
         limits = _limit_memory(settings)
@@ -161,7 +173,7 @@ def _run(job_id: str, store: JobStore, settings: Settings, checkpoint_dir: Path)
             raise UserFacingError("internal_error", "the job's request is missing from the store")
         spec = JobSpec.read(stored)  # a version this worker does not read fails the job: unsupported_spec
         check_links(spec, job_id, DatasetStore(store.r, store.p).used_by)
-        out = settings.adapter_dir / job_id
+        out = paths.adapter_dir(settings, job_id)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)  # an earlier attempt's, cut short before the job succeeded
         outcome = train(spec, out, _StoreReporter(store, job_id), settings, checkpoint_dir, _preempted.is_set)
@@ -207,7 +219,7 @@ def _preload(**_: Any) -> None:
 def _start_reaper(sender: Any, **_: Any) -> None:
     """Every worker sweeps for lost jobs on its consumer's timer (the main thread: no thread to fork)."""
     settings = get_settings()
-    reaper = Reaper(JobStore.from_url(settings.redis_url, settings.redis_prefix), settings, enqueue_train)
+    reaper = Reaper(JobStore(_redis(), settings.redis_prefix), settings, enqueue_train)
     sender.timer.call_repeatedly(settings.reaper_interval_s, reaper.sweep)
 
 
@@ -242,7 +254,7 @@ def _report_serving() -> None:
     from app.core.store import SERVING_TTL_S, GenerationStore
 
     settings = get_settings()
-    gens = GenerationStore.from_url(settings.redis_url, settings.redis_prefix)
+    gens = GenerationStore(_redis(), settings.redis_prefix)
     while True:
         try:
             gens.set_serving(_WORKER, _engine.serving())
@@ -255,16 +267,11 @@ class _Relay:
     """Streamed pieces from the engine thread to the request's Redis stream, written by the task's own
     thread in batches (the engine thread never waits on Redis)."""
 
-    _store: Any = None  # one client (connection pool) for every request of the process
-
     def __init__(self, gen_id: str) -> None:
         from app.core.store import GenerationStore
 
-        settings = get_settings()
         self.gen_id, self.pieces = gen_id, queue.SimpleQueue()  # type: ignore[var-annotated]
-        if _Relay._store is None:
-            _Relay._store = GenerationStore.from_url(settings.redis_url, settings.redis_prefix)
-        self.store = _Relay._store
+        self.store = GenerationStore(_redis(), get_settings().redis_prefix)
 
     def piece(self, index: int, text: str) -> None:
         self.pieces.put(("token", {"index": index, "text": text}))
@@ -278,14 +285,21 @@ class _Relay:
 
 
 @celery_app.task(name=GENERATE_TASK)
-def generate(stored: dict[str, Any]) -> dict[str, Any]:
+def generate(stored: dict[str, Any], *legacy: Any) -> dict[str, Any]:
     """Run one ``GenerateTask`` (app/core/jobs.py, sent by ``enqueue_generate``); returns ``{"result": ...}`` or
     ``{"error": {"code", "message"}}`` and never raises for user errors.
 
     The result (``done``) or the error, and with ``task.stream`` the text as it is generated (``token``
     events), go to the task's Redis stream ``gen_id``, which the API reads (app/api/services/generate.py)."""
-    global _store
-    task = GenerateTask.model_validate(stored)
+    try:
+        task = GenerateTask.read(stored, *legacy)
+    except UserFacingError as e:  # another release's message: answer it at once instead of a 504 later
+        error = {"code": e.code, "message": e.message}
+        gen_id = GenerateTask.stream_of(stored, *legacy)
+        if gen_id:
+            _Relay(gen_id).flush(("error", error))
+        log.warning("generate message refused: %s", e.message)
+        return {"error": error}
     queue_ms = (time.time() - task.enqueued_at) * 1000
     relay = _Relay(task.gen_id)
     try:
@@ -310,8 +324,8 @@ def generate(stored: dict[str, Any]) -> dict[str, Any]:
     cache = result.pop("adapter_cache", None)
     if cache:  # counted for /metrics before the answer leaves (a client may read /metrics next); a failed
         try:   # count never fails the generation
-            _store = _store or JobStore.from_url(get_settings().redis_url, get_settings().redis_prefix)
-            _store.incr_stat("adapter_hits" if cache == "hit" else "adapter_loads")
+            stat = "adapter_hits" if cache == "hit" else "adapter_loads"
+            JobStore(_redis(), get_settings().redis_prefix).incr_stat(stat)
         except Exception:
             log.warning("could not count adapter cache %s", cache, exc_info=True)
     relay.flush(("done", result))

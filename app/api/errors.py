@@ -31,7 +31,7 @@ class ApiError(Exception):
 
 
 #: The HTTP status of a ``UserFacingError`` code (raised by the worker or by app.core's checks); others: 422.
-USER_ERROR_STATUS: dict[str, int] = {"adapter_not_found": 404, "generate_failed": 502}
+USER_ERROR_STATUS: dict[str, int] = {"adapter_not_found": 404, "generate_failed": 502, "unsupported_task": 503}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 #: ftaas field names as OpenAI's ``param`` (None: the id is in the path, OpenAI names no param for it).
 _OPENAI_PARAMS: dict[str, str | None] = {"base_model": "model", "adapter": "model", "dataset.id": "training_file",

@@ -53,7 +53,7 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _VALUES = "values must be strings, numbers, booleans or null (or a 'messages' list of {role, content} objects)"
 
 
-def detect_format(filename: str | None, content_type: str | None) -> DatasetFormat:
+def detect_file_format(filename: str | None, content_type: str | None) -> DatasetFormat:
     """The format from the file's extension, checked against the part's content type when one is given."""
     suffix = PurePosixPath((filename or "").replace("\\", "/")).suffix.lower()
     fmt = FORMATS.get(suffix)

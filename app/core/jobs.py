@@ -38,6 +38,8 @@ MAX_NEW_TOKENS = 1_024
 MAX_LENGTH = 8_192
 #: The version of ``JobSpec`` this code writes and reads; a stored spec without one is version 1.
 SPEC_VERSION = 1
+#: The version of ``GenerateTask`` messages this code sends and reads.
+TASK_VERSION = 1
 
 ShortStr = Annotated[str, StringConstraints(max_length=200)]
 #: A user's label: printable, no control characters (it is shown in tables and logs, never used as a path).
@@ -278,6 +280,8 @@ class GenerateTask(BaseModel):
     (``gen_id``), whether it also streams the text as it is generated, and when it was enqueued."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    task_version: int = Field(TASK_VERSION, description="The message's version; a worker answers another one "
+                              "with ``unsupported_task`` at once.")
     gen_id: Annotated[str, StringConstraints(pattern=GEN_ID.pattern)]
     stream: bool = Field(description="Also send each new piece of text (``token`` events), not only the end.")
     enqueued_at: float = Field(description="time.time() when the API enqueued it (the queue time is measured).")
@@ -295,4 +299,24 @@ class GenerateTask(BaseModel):
 
     def engine_request(self) -> dict[str, Any]:
         """The request dict the serving engine takes (worker/serve/pool.py ``submit``)."""
-        return self.model_dump(exclude={"gen_id", "stream", "enqueued_at"})
+        return self.model_dump(exclude={"task_version", "gen_id", "stream", "enqueued_at"})
+
+    @classmethod
+    def read(cls, stored: Any, *legacy: Any) -> GenerateTask:
+        """The task from its message; ``UserFacingError`` for one this code does not read: another version, or
+        the positional arguments ``(request, enqueued_at, gen_id, pieces)`` releases before this one sent."""
+        version = stored.get("task_version", 1) if isinstance(stored, dict) and not legacy else "legacy"
+        if version != TASK_VERSION:
+            raise UserFacingError("unsupported_task", f"the generate message is version {version!r}; this worker "
+                                  f"reads version {TASK_VERSION}: the API and the workers run different releases")
+        try:
+            return cls.model_validate(stored)
+        except ValidationError as e:
+            raise UserFacingError("unsupported_task", f"the generate message does not parse: {e.errors()[0]['msg']}"
+                                  ) from None
+
+    @staticmethod
+    def stream_of(stored: Any, *legacy: Any) -> str | None:
+        """The Redis stream a message (of any release) asks to be answered on, when it names a valid one."""
+        gen_id = legacy[1] if len(legacy) >= 2 else stored.get("gen_id") if isinstance(stored, dict) else None
+        return gen_id if isinstance(gen_id, str) and GEN_ID.fullmatch(gen_id) else None

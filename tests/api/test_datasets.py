@@ -18,7 +18,7 @@ import redis
 from app.api import uploads
 from app.api.errors import ApiError
 from app.api.schemas import DatasetFormat
-from app.api.uploads import detect_format, normalise
+from app.api.uploads import detect_file_format, normalise
 from app.core import paths as storage
 from app.core.settings import Settings
 from app.core.store import DatasetStore, JobStore, new_id, new_job_id
@@ -139,17 +139,17 @@ def test_parquet_unsupported_type_names_column(tmp_path: Path) -> None:
     ("q.csv", "text/csv; charset=utf-8", "csv"), ("q.csv", "application/vnd.ms-excel", "csv"),
     ("q.parquet", "application/octet-stream", "parquet"), ("q.parquet", "application/vnd.apache.parquet", "parquet"),
 ])
-def test_detect_format(filename: str, content_type: str | None, expected: str) -> None:
-    assert detect_format(filename, content_type) == expected
+def test_detect_file_format(filename: str, content_type: str | None, expected: str) -> None:
+    assert detect_file_format(filename, content_type) == expected
 
 
 @pytest.mark.parametrize(("filename", "content_type"), [
     ("q.txt", None), ("q", None), (None, "application/json"), ("q.jsonl.exe", None), ("q.csv", "image/png"),
     ("q.parquet", "text/csv"), ("q.json", "text/csv"),
 ])
-def test_detect_format_rejects(filename: str | None, content_type: str | None) -> None:
+def test_detect_file_format_rejects(filename: str | None, content_type: str | None) -> None:
     with pytest.raises(ApiError) as e:
-        detect_format(filename, content_type)
+        detect_file_format(filename, content_type)
     assert (e.value.status, e.value.code, e.value.field) == (415, "unsupported_media_type", "file")
 
 

@@ -22,10 +22,10 @@ from starlette.requests import ClientDisconnect
 
 from app.api.errors import ApiError
 from app.api.schemas import DatasetFormat
-from app.api.uploads import detect_format, normalise
+from app.api.uploads import detect_file_format, normalise
 from app.core.apikeys import Principal
 from app.core.ids import is_dataset_id, new_id
-from app.core.paths import dataset_file
+from app.core.paths import dataset_file, dataset_staging
 from app.core.settings import Settings
 from app.core.store import DatasetStore, JobStore
 
@@ -83,7 +83,7 @@ class _FileReceiver:
         raw_name = options.get(b"filename")
         self.filename = raw_name.decode("utf-8", "replace")[-255:] if raw_name is not None else None
         content_type = self.headers.get(b"content-type")
-        self.format = detect_format(self.filename, content_type.decode("latin-1") if content_type else None)
+        self.format = detect_file_format(self.filename, content_type.decode("latin-1") if content_type else None)
         self.in_file = True
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
@@ -156,7 +156,7 @@ async def upload_dataset(chunks: AsyncIterable[bytes], content_type: str, conten
     """Receive a multipart upload (its body's chunks and headers) and store it as the caller's dataset."""
     ds_id = new_id("ds")
     cfg.dataset_dir.mkdir(parents=True, exist_ok=True)
-    upload, staged = cfg.dataset_dir / f".{ds_id}.upload", cfg.dataset_dir / f".{ds_id}.partial"
+    upload, staged = dataset_staging(cfg, ds_id)
     try:
         got = await _receive(chunks, content_type, content_length, upload, cfg.max_upload_bytes)
         meta = await run_in_threadpool(_store_upload, cfg, ds, ds_id, upload, staged, got, caller.tenant)
