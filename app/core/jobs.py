@@ -9,7 +9,7 @@ its resolved base model, whether it set its template, its seed); a worker reads 
 from __future__ import annotations
 
 import string
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -241,17 +241,8 @@ class JobSpec(JobCreate):
     @classmethod
     def read(cls, stored: dict[str, Any]) -> JobSpec:
         """A stored spec, or a ``UserFacingError`` that fails the job when this code cannot read it."""
-        version = stored.get("spec_version", 1)
-        if version != SPEC_VERSION:
-            raise UserFacingError("unsupported_spec", f"the job was stored as spec version {version!r}; this worker "
-                                  f"reads version {SPEC_VERSION}: run it on workers of the release that wrote it")
-        try:
-            return cls.model_validate(stored)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "spec"
-            raise UserFacingError("invalid_spec", f"the job's stored request does not read: {where}: "
-                                  f"{first['msg']}") from None
+        return _read_versioned(cls, stored, stored.get("spec_version", 1), SPEC_VERSION, "the job's stored request",
+                               "unsupported_spec", "invalid_spec")
 
     def public(self) -> dict[str, Any]:
         """The request as the job record shows it: inline rows summarised by their count."""
@@ -306,17 +297,29 @@ class GenerateTask(BaseModel):
         """The task from its message; ``UserFacingError`` for one this code does not read: another version, or
         the positional arguments ``(request, enqueued_at, gen_id, pieces)`` releases before this one sent."""
         version = stored.get("task_version", 1) if isinstance(stored, dict) and not legacy else "legacy"
-        if version != TASK_VERSION:
-            raise UserFacingError("unsupported_task", f"the generate message is version {version!r}; this worker "
-                                  f"reads version {TASK_VERSION}: the API and the workers run different releases")
-        try:
-            return cls.model_validate(stored)
-        except ValidationError as e:
-            raise UserFacingError("unsupported_task", f"the generate message does not parse: {e.errors()[0]['msg']}"
-                                  ) from None
+        return _read_versioned(cls, stored, version, TASK_VERSION, "the generate message", "unsupported_task",
+                               "unsupported_task")
 
     @staticmethod
     def stream_of(stored: Any, *legacy: Any) -> str | None:
         """The Redis stream a message (of any release) asks to be answered on, when it names a valid one."""
         gen_id = legacy[1] if len(legacy) >= 2 else stored.get("gen_id") if isinstance(stored, dict) else None
         return gen_id if isinstance(gen_id, str) and GEN_ID.fullmatch(gen_id) else None
+
+
+_Versioned = TypeVar("_Versioned", bound=BaseModel)
+
+
+def _read_versioned(model: type[_Versioned], stored: Any, version: Any, current: int, what: str, other_version: str,
+                    unreadable: str) -> _Versioned:
+    """``stored`` as ``model`` when it is of this code's ``current`` version and parses; otherwise a
+    ``UserFacingError`` whose code names why (``other_version`` or ``unreadable``), for a rolling deploy."""
+    if version != current:
+        raise UserFacingError(other_version, f"{what} is version {version!r}; this worker reads version {current}: "
+                              "the API and the workers run different releases")
+    try:
+        return model.model_validate(stored)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise UserFacingError(unreadable, f"{what} does not read: {where}: {first['msg']}") from None

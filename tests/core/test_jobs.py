@@ -69,7 +69,7 @@ def test_generate_tasks_are_versioned_and_other_releases_are_named() -> None:
     assert task.task_version == TASK_VERSION and "gen_id" not in task.engine_request()
     assert GenerateTask.stream_of(message) == message["gen_id"]
     for bad, why in (({**message, "task_version": TASK_VERSION + 1}, "version 2"),
-                     ({**message, "new_field": 1}, "does not parse")):
+                     ({**message, "new_field": 1}, "does not read")):
         with pytest.raises(UserFacingError, match=why) as err:
             GenerateTask.read(bad)
         assert err.value.code == "unsupported_task"
