@@ -1,7 +1,7 @@
 """Training speed on one GPU, one process: the notebook's recipe beside the service's trainer, same data and model.
 
 Model: the google/gemma-2b architecture with random weights (vocab 262,144, the Gemma 3 tokenizer; built and saved
-as safetensors by ``gpu_smoke.build_model``), NF4 base, LoRA r=8 on the seven projections; data: the 651 quotes.
+as safetensors by ``common.build_model``), NF4 base, LoRA r=8 on the seven projections; data: the 651 quotes.
 Every variant goes through ``worker.train.recipe.build_trainer`` (the hub id is pointed at the local folder only):
 
 * ``notebook``        the notebook's recipe: batch 1 x accumulation 4, gradient checkpointing, paged 8-bit AdamW,
@@ -46,15 +46,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,280 +60,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from gpu_smoke import HUB_ID, RecordingReporter, build_model, patch_hub  # noqa: E402
+from common import HUB_ID, build_model, load_quotes, log, patch_hub  # noqa: E402
+from train_checks import check_dequant, check_graphs, check_loss_kernel  # noqa: E402
+from train_runs import run_job, run_variant  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import worker.train.recipe  # noqa: E402
-from app.core.jobs import JobCreate, JobSpec  # noqa: E402
+from app.core.jobs import JobCreate  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 
-PEAK_FLOPS = 790e12
 T0 = time.monotonic()
-
-
-def log(*x: Any) -> None:
-    print(*x, flush=True)
-
-
-class StepClock(TrainerCallback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Only the times read below wait for the GPU: a wait every step would stop the host from queueing the next
-        # step while the GPU runs this one (what the fast path's deferred logs allow).
-        if torch.cuda.is_available() and state.global_step in (1, 2, state.max_steps):
-            torch.cuda.synchronize()
-        self.times.append(time.monotonic())
-
-
-class Profile(TrainerCallback):
-    """torch.profiler over optimizer steps ``first``..``last`` (1-based); prints the top ops by GPU time."""
-
-    def __init__(self, out: str, first: int = 4, last: int = 5) -> None:
-        self.out, self.first, self.last = out, first, last
-        self.prof: Any = None
-        self.t0 = 0.0
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step + 1 == self.first:
-            torch.cuda.synchronize()
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
-            self.prof.start()
-            self.t0 = time.monotonic()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.prof is None or state.global_step != self.last:
-            return
-        torch.cuda.synchronize()
-        wall = time.monotonic() - self.t0
-        self.prof.stop()
-        avg = self.prof.key_averages()
-        key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
-        busy = sum(getattr(e, key) for e in avg) / 1e6
-        table = avg.table(sort_by=key, row_limit=14, max_name_column_width=60)
-        cpu = avg.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60)
-        log(f"PROFILE steps {self.first}-{self.last}: wall {wall:.3f} s, GPU busy {busy:.3f} s "
-            f"({100 * busy / wall:.0f} %)")
-        log(table)
-        if self.out:
-            Path(self.out).mkdir(parents=True, exist_ok=True)
-            (Path(self.out) / "profile.txt").write_text(table + "\n" + cpu + "\n" + avg.table(
-                sort_by=key, row_limit=60, max_name_column_width=200))
-        self.prof = None
-
-
-def payload_for(rows: list[dict[str, Any]], hp: dict[str, Any], validation: float | None) -> JobSpec:
-    """The job spec the API would store (app/api/services/jobs.py builds it the same way)."""
-    body: dict[str, Any] = {"base_model": HUB_ID, "dataset": {"rows": rows}, "hyperparameters": {"seed": 42} | hp}
-    if validation is not None:
-        body["validation"] = {"fraction": validation}
-    return JobSpec.from_request(JobCreate.model_validate(body), HUB_ID, default_seed=42)
-
-
-def free_gpu() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def run_variant(name: str, rows: list[dict[str, Any]], hp: dict[str, Any], settings: Settings,
-                work: Path, nparams: int, tweak: Any = None, profile: str | None = None) -> dict[str, Any]:
-    """build_trainer + trainer.train() with no validation split; tokens/s from trl's own token count."""
-    free_gpu()
-    t = time.monotonic()
-    payload = payload_for(rows, hp, 0.0)
-    hp = payload.hyperparameters.model_dump()
-    trainer, data, callback, seconds = worker.train.recipe.build_trainer(
-        payload, RecordingReporter(), settings, str(work / name))
-    clock = StepClock()
-    trainer.add_callback(clock)
-    if profile is not None and torch.cuda.is_available():
-        trainer.add_callback(Profile(profile))
-    if tweak is not None:
-        tweak(trainer)
-    setup_s = time.monotonic() - t
-    t0 = time.monotonic()
-    trainer.train()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    train_s = time.monotonic() - t0
-    logs = [p for p in trainer.state.log_history if "loss" in p]
-    tokens = [int(p["num_tokens"]) for p in logs]
-    steps = trainer.state.global_step
-    per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
-    r: dict[str, Any] = {
-        "variant": name, "steps": steps, "examples": steps * per_step, "setup_s": setup_s, "load_s": seconds["load"],
-        "train_s": train_s, "tokens": tokens[-1] if tokens else None, "final_loss": logs[-1]["loss"] if logs else None,
-        "token_budget": getattr(trainer, "token_budget", None),
-        "micro_batches_per_step": statistics.mean(getattr(trainer, "micro_batch_counts", [0]) or [0]),
-        "capture_s": getattr(getattr(trainer, "_runner", None), "capture_seconds", None),
-        "graphs": len(getattr(getattr(trainer, "_runner", None), "graphs", {})),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-    }
-    if tokens:
-        r["tokens_per_s"] = tokens[-1] / train_s
-        r["samples_per_s"] = r["examples"] / train_s
-        r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
-        if clock.times:
-            r["first_step_s"] = clock.times[0] - t0
-        if len(clock.times) > 3 and len(tokens) == len(clock.times):
-            r["steady_tokens_per_s"] = (tokens[-1] - tokens[1]) / (clock.times[-1] - clock.times[1])
-    del trainer, data, callback
-    return r
-
-
-def run_job(rows: list[dict[str, Any]], settings: Settings, nparams: int, hp: dict[str, Any],
-            name: str = "job") -> dict[str, Any]:
-    """A whole default job (the API's body: dataset rows only) through worker.train.recipe.train."""
-    free_gpu()
-    timed = {"samples": 0.0, "build": 0.0}
-    samples, build = worker.train.recipe._samples, worker.train.recipe.build_trainer
-
-    def timing(name: str, fn: Any) -> Any:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.monotonic()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timed[name] += time.monotonic() - t0
-        return wrapped
-
-    timed_samples, timed_build = timing("samples", samples), timing("build", build)
-    worker.train.recipe._samples, worker.train.recipe.build_trainer = timed_samples, timed_build  # type: ignore[assignment]
-    payload = payload_for(rows, hp, None)
-    job_id = "job_" + uuid.uuid4().hex[:22]
-    out = settings.adapter_dir / job_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    reporter = RecordingReporter()
-    t = time.monotonic()
-    try:
-        outcome = worker.train.recipe.train(payload, out, reporter, settings)
-    finally:
-        worker.train.recipe._samples, worker.train.recipe.build_trainer = samples, build  # type: ignore[assignment]
-    total = time.monotonic() - t
-    hp = payload.hyperparameters.model_dump()
-    tokens = reporter.tokens_seen()
-    parts = outcome.seconds
-    r = {"variant": name, "total_s": total, **{f"{k}_s": v for k, v in parts.items()},
-         "setup_s": timed["build"] - parts.get("data", 0) - parts.get("load", 0), "samples_s": timed["samples"],
-         "first_step_s": reporter.points[0]["time"] if reporter.points else None,
-         "steps": outcome.steps, "examples": outcome.steps * hp["batch_size"] * hp["gradient_accumulation_steps"],
-         "tokens": tokens, "final_loss": outcome.losses[-1] if outcome.losses else None,
-         "adapter_ok": (out / "adapter_model.safetensors").is_file(),
-         "eval": {k: v for k, v in outcome.evaluation.items() if k != "samples"},
-         "sample": (outcome.evaluation.get("samples") or [None])[0],
-         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
-    if tokens and outcome.seconds.get("train"):
-        r["tokens_per_s"] = tokens / outcome.seconds["train"]
-        r["samples_per_s"] = r["examples"] / outcome.seconds["train"]
-        r["mfu"] = r["tokens_per_s"] * 4 * nparams / PEAK_FLOPS
-    return r
-
-
-def check_graphs(rows: list[dict[str, Any]], hp: dict[str, Any], settings: Settings, work: Path) -> dict[str, Any]:
-    """One training step of the same batch through the captured graphs and through the eager packed path."""
-    from worker.train.fast_path import EagerSteps
-
-    free_gpu()
-    trainer, *_ = worker.train.recipe.build_trainer(payload_for(rows, hp, 0.0), RecordingReporter(), settings,
-                                               str(work / "graph-check"))
-    model = trainer.model
-    torch.manual_seed(0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # LoRA B starts at zero (and then A gets no gradient): make every LoRA weight matter
-        torch.nn.init.normal_(p, std=0.02)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(hp["batch_size"])])
-    out: dict[str, Any] = {}
-    import worker.train.packed_loss as packed_loss
-
-    loss_fn = packed_loss.lm_head_loss
-
-    def seen_dtypes(hidden: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:  # what the LM-head loss gets
-        out["lm_head_dtypes"] = [str(hidden.dtype), str(weight.dtype), str((hidden[:1] @ weight[:8].t()).dtype)]
-        return loss_fn(hidden, weight, *args, **kwargs)
-
-    packed_loss.lm_head_loss = seen_dtypes  # type: ignore[assignment]
-    grads = []
-    for runner in ("graphs", "eager", "eager-again"):
-        model.zero_grad()
-        if runner == "eager":
-            trainer._runner = EagerSteps(trainer._runner.loss_fn, trainer._runner.device)
-        loss = float(trainer.training_step(model, dict(batch)))
-        if runner == "graphs":  # replay once more: a replay of a captured graph, not only the capture's warm-up
-            model.zero_grad()
-            loss = float(trainer.training_step(model, dict(batch)))
-            out["graphs"] = len(getattr(trainer._runner, "graphs", {}))
-        out[f"loss_{runner}"] = loss
-        grads.append(torch.cat([p.grad.float().flatten() for p in params]))
-    packed_loss.lm_head_loss = loss_fn
-    out["grad_rel_diff"] = float((grads[0] - grads[1]).norm() / grads[1].norm())
-    out["grad_rel_diff_eager_twice"] = float((grads[2] - grads[1]).norm() / grads[1].norm())  # run-to-run noise
-    out["loss_rel_diff"] = abs(out["loss_graphs"] - out["loss_eager"]) / abs(out["loss_eager"])
-    log(f"graph check: {json.dumps(out)}")
-    del trainer, model
-    return out
-
-
-def check_loss_kernel() -> dict[str, Any]:
-    """The LM-head loss of a bf16 bin (3,072 x 2,048 hidden, a 262,144-token head) against T6's formulation
-    (fp32 probabilities, then a cast): the hidden-state gradients should be bitwise equal, the loss close."""
-    from worker.train.packed_loss import LOSS_CHUNK, lm_head_loss
-
-    free_gpu()
-    torch.manual_seed(0)
-    hidden = (torch.randn(3072, 2048, device="cuda") * 0.5).bfloat16().requires_grad_()
-    weight = (torch.randn(262_144, 2048, device="cuda") * 0.05).bfloat16()
-    targets = torch.randint(0, 262_144, (3072,), device="cuda")
-    targets[::5] = -100
-    scale = torch.tensor(1 / 3072, dtype=torch.float64, device="cuda")
-    loss = lm_head_loss(hidden, weight, targets, scale)
-    loss.backward()
-    want_loss = torch.zeros((), dtype=torch.float64, device="cuda")
-    want = torch.empty_like(hidden)
-    scored = targets != -100
-    safe = torch.where(scored, targets, 0).unsqueeze(1)
-    with torch.no_grad():
-        for s in range(0, 3072, LOSS_CHUNK):
-            probs = torch.softmax(hidden[s:s + LOSS_CHUNK] @ weight.t(), dim=-1, dtype=torch.float32)
-            want_loss += (-probs.gather(1, safe[s:s + LOSS_CHUNK]).log().squeeze(1) * scored[s:s + LOSS_CHUNK]).sum()
-            d = probs.to(torch.bfloat16)
-            d.scatter_add_(1, safe[s:s + LOSS_CHUNK], torch.full_like(safe[s:s + LOSS_CHUNK], -1, dtype=d.dtype))
-            want[s:s + LOSS_CHUNK] = (d @ weight).float() * (scored[s:s + LOSS_CHUNK] * scale).unsqueeze(1)
-    assert hidden.grad is not None
-    out = {"grad_equal": bool(torch.equal(hidden.grad, want)),
-           "grad_max_abs_diff": float((hidden.grad.float() - want.float()).abs().max()),
-           "loss": float(loss.detach()), "loss_fp32_probs": float(want_loss * scale),
-           "loss_rel_diff": abs(float(loss.detach()) - float(want_loss * scale)) / float(want_loss * scale)}
-    log(f"loss check: {json.dumps(out)}")
-    del hidden, weight, want
-    free_gpu()
-    return out
-
-
-def check_dequant(settings: Settings) -> bool:
-    """The fast path's dequantised weights equal bnb's own dequantisation of the NF4 weights, bit for bit."""
-    import bitsandbytes as bnb
-
-    from worker.models import compute_dtype, load_model
-    from worker.nf4 import dequantize_nf4
-
-    model = load_model(HUB_ID, "nf4", settings)
-    names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-    picked = names[:: max(1, len(names) // 8)]
-    mods = dict(model.named_modules())
-    dtype = compute_dtype(settings.device)
-    refs = {n: bnb.functional.dequantize_4bit(mods[n].weight.data, mods[n].weight.quant_state).to(dtype)
-            for n in picked}
-    model = dequantize_nf4(model, dtype)
-    mods = dict(model.named_modules())
-    ok = all(torch.equal(mods[n].weight, refs[n]) for n in picked)
-    log(f"dequant check: {len(picked)} of {len(names)} NF4 layers compared, equal: {ok}")
-    del model, mods, refs
-    free_gpu()
-    return ok
 
 
 def main() -> int:
@@ -370,7 +102,7 @@ def main() -> int:
         nparams, build_s = build_model(src, model_dir, a.tiny, device)
         (model_dir / "nparams.txt").write_text(str(nparams))
     patch_hub(model_dir)
-    rows = [json.loads(line) for line in (src / "quotes.jsonl").read_text().splitlines() if line.strip()]
+    rows = load_quotes(src)
     log(f"model {nparams / 1e9:.3f} B params built+saved in {build_s:.1f} s; {len(rows)} rows")
 
     defaults = JobCreate.model_validate({"dataset": {"rows": rows}}).hyperparameters.model_dump()

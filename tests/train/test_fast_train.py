@@ -15,8 +15,8 @@ from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
 from tests.core.test_formats import CHAT_ROWS, PC_ROWS
 from tests.train.test_trainer import Recorder
-from worker.train.fast_path import FastSFTTrainer, compile_decoder_layers, label_tokens, micro_batches, split_batch
-from worker.train.packing import IGNORE, PackedBin, PackedStep, PackingCollator, block_causal_mask
+from worker.train.fast_path import FastSFTTrainer, compile_decoder_layers, label_tokens, split_batch
+from worker.train.packing import IGNORE, PackedBin, PackedStep, PackingCollator
 from worker.train.recipe import build_trainer
 
 
@@ -83,19 +83,6 @@ def _train(rows: list[dict[str, Any]], fast: bool, tmp: Path, budget: int, packi
         trainer.bins_seen = []
     trainer.train()
     return trainer, rec, seen
-
-
-def test_micro_batches_respect_the_budget_and_keep_every_row() -> None:
-    lengths = [30, 7, 120, 31, 29, 5, 64, 64, 300]
-    groups = micro_batches(lengths, budget=128)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        longest = max(lengths[i] for i in g)
-        assert len(g) == 1 or len(g) * longest <= 128
-        assert lengths[g[0]] == longest
-    assert groups[0] == [8]  # longer than the budget: alone
-    flat = [lengths[i] for g in groups for i in g]
-    assert flat == sorted(lengths, reverse=True)  # length-grouped
 
 
 @pytest.mark.parametrize("kind", ["template", "prompt_completion", "messages"])
@@ -190,7 +177,6 @@ def test_fast_loss_and_gradients_equal_the_reference_on_one_batch(tmp_path: Path
             torch.testing.assert_close(fast_grads[n], p.grad, **tol)
 
 
-
 def test_compiled_layers_run_in_training_only_and_fall_back_to_eager(tmp_path: Path, quotes: list[dict[str, Any]],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """``compile_decoder_layers`` (GPU only in the trainer) with torch.compile stubbed: training forwards go through
@@ -231,50 +217,6 @@ def test_compiled_layers_run_in_training_only_and_fall_back_to_eager(tmp_path: P
     calls["fail"] = True
     assert float(trainer.training_step(model, dict(batch))) == pytest.approx(eager_loss, rel=1e-6)
     assert calls["compiled"] == len(layers) + 1  # one failed call, then eager for good
-
-
-def test_packing_keeps_every_token_and_target_and_masks_examples_apart() -> None:
-    from worker.train.packing import bin_rows, bin_size, capacity_for, pack
-
-    lengths = [5, 3, 7, 2, 9, 40]
-    width = max(lengths)
-    ids = torch.zeros((6, width), dtype=torch.long)
-    mask = torch.zeros((6, width), dtype=torch.long)
-    labels = torch.full((6, width), -100)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.arange(100 * (i + 1), 100 * (i + 1) + n)
-        mask[i, :n] = 1
-        labels[i, :n] = ids[i, :n]
-        labels[i, 0] = -100  # a prompt token: never a target
-    labels[1, :2] = -100
-    assert bin_rows(lengths[:5], 12) == [[4, 1], [2, 0], [3]]  # first fit, longest first: 9+3, 7+5, 2
-    assert capacity_for(40) == 64 and capacity_for(1024) == 1024 and capacity_for(1025) == 2048
-    # rows spread evenly over as few bins as the budget allows, an even count a bin: 28-30 rows -> 3 x 10
-    assert [bin_size(r, 12) for r in (28, 29, 30, 25, 13, 12, 3, 1)] == [10, 10, 10, 10, 8, 12, 4, 1]
-    assert bin_size(7, 3) == 3  # never over the budget
-
-    one_row = pack(ids, mask, labels, budget=128, pad_id=0)  # rows as wide as the budget: one row a bin
-    rows = pack(ids, mask, labels, budget=128, pad_id=0, row_width=16)  # rows 64 wide (the longest example's)
-    for bins in (one_row, rows):
-        assert sum(b.tokens for b in bins) == sum(lengths)
-        assert sum(b.targets for b in bins) == label_tokens(labels)
-    assert [b.shape for b in one_row] == [(1, 128)]
-    assert [b.shape for b in rows] == [(2, 64)]  # 40+9+7+5+3 | 2, a bin of two rows of 64
-    first = rows[0].data[:, 0]  # row 0: examples 5 (40 tokens), 4 (9), 2 (7), 0 (5), 1 (3)
-    assert first[0, 40:49].tolist() == list(range(500, 509))
-    assert first[1, :52].tolist() == list(range(40)) + list(range(9)) + [0, 1, 2]
-    assert first[2, 38:64].tolist() == [0] * 2 + [1] * 9 + [2] * 7 + [3] * 5 + [4] * 3
-    assert first[3, 40:49].tolist() == [*list(range(501, 509)), -100]
-    second = rows[0].data[:, 1]  # row 1: example 3 (2 tokens), then padding
-    assert second[0, :3].tolist() == [400, 401, 0] and second[2, :3].tolist() == [0, 0, 1]
-    assert second[3, :3].tolist() == [401, -100, -100]
-    m = block_causal_mask(rows[0].data[2])
-    assert m.shape == (2, 1, 64, 64)
-    m = m[0, 0]
-    assert m[41, 40] and not m[41, 39] and not m[40, 41] and m[39, 0] and not m[0, 1]  # causal, own example only
-    assert m.any(dim=1).all()  # every query (padding too) attends to something: no empty softmax row
-    w = block_causal_mask(rows[0].data[2], window=4)[0, 0]
-    assert w[44, 41] and not w[44, 40] and w[44, 44]
 
 
 def test_fused_kernels_compute_what_transformers_and_peft_compute(tmp_path: Path,
@@ -367,41 +309,3 @@ def test_a_failing_graph_capture_falls_back_to_eager_steps_with_the_same_loss(tm
     assert got == pytest.approx(want, rel=1e-6)
     for p, g in zip([p for p in model.parameters() if p.requires_grad], want_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-
-
-def test_lm_head_loss_in_bf16_reads_the_loss_from_bf16_probabilities_within_their_rounding(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """worker/train/packed_loss.py for a bf16 model: the softmax writes bf16 probabilities, so each token's loss is at
-    most bf16's rounding (0.4 %) off the fp32 cross-entropy of the same bf16 logits; the gradient is the one
-    from fp32 probabilities rounded once to bf16 (what the path computed before, through a separate cast)."""
-    from worker.train.packed_loss import lm_head_loss
-
-    torch.manual_seed(0)
-    hidden = torch.randn(300, 64).bfloat16().requires_grad_()
-    weight = torch.randn(1000, 64).bfloat16()
-    targets = torch.randint(0, 1000, (300,))
-    targets[::7] = IGNORE
-    scale = torch.tensor(1 / 300, dtype=torch.float64)
-    softmax, autocast_seen = torch.softmax, []
-
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        autocast_seen.append(torch.is_autocast_enabled("cpu"))
-        return softmax(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "softmax", spy)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on the GPU, where autocast runs softmax in fp32
-        loss = lm_head_loss(hidden, weight, targets, scale, chunk=128)
-    assert autocast_seen == [False] * 3  # the loss turns autocast off: its softmax writes bf16
-    loss.backward()
-    got = float(loss.detach())
-
-    logits = hidden.detach() @ weight.t()
-    scored = targets != IGNORE
-    nll = torch.nn.functional.cross_entropy(logits.float(), torch.where(scored, targets, 0), reduction="none")
-    want_loss = float((nll * scored).sum() / 300)
-    assert got == pytest.approx(want_loss, abs=0.004) and got != want_loss  # from bf16 probabilities, not fp32's
-    dlogits = torch.softmax(logits, dim=-1, dtype=torch.float32).bfloat16()
-    dlogits[torch.arange(300), torch.where(scored, targets, 0)] -= 1
-    want = (dlogits @ weight).float() * (scored.double() / 300).unsqueeze(1)
-    assert hidden.grad is not None
-    torch.testing.assert_close(hidden.grad, want.bfloat16(), rtol=0, atol=0)
