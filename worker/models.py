@@ -180,7 +180,7 @@ def _no_cpu_4bit_packing(model: torch.nn.Module) -> None:
     (peft 0.21.2) then compute with wrong numbers: the engine's adapters gave garbage, and a training job
     resumed from a checkpoint (its adapter loaded after the evaluation before training) trained on from
     different gradients (tiny-gemma: grad norms 1.5x an uninterrupted run's; bitwise equal without the
-    packing, tests/train/test_trainer.py). The packed path is faster (gemma-3-270m, 32 greedy tokens: 1.38 s vs
+    packing, tests/train/test_recipe.py). The packed path is faster (gemma-3-270m, 32 greedy tokens: 1.38 s vs
     2.37 s), but correct numbers with adapters coming and going matter more. GPUs are not affected.
     """
     for module in model.modules():

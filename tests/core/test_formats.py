@@ -10,7 +10,7 @@ import pytest
 
 from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
-from tests.train.test_trainer import Recorder
+from tests.train.test_recipe import Recorder
 from worker.train.recipe import build_trainer
 
 PC_ROWS = [{"prompt": f"Q: what is {i} plus {i}? A:", "completion": f" {2 * i}"} for i in range(12)]

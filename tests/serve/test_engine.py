@@ -1,7 +1,7 @@
 """The batching engine alone (no Celery): mixed-adapter batches give each request exactly what it gets alone,
 per-request sampling and stop strings inside a shared batch, streamed pieces, the adapter slot LRU, and
 adapters read from safetensors only. Adapters are real peft folders with random weights (training one per
-test would only slow the tests down; tests/serve/test_inference.py serves trained ones)."""
+test would only slow the tests down; tests/serve/test_pool.py serves trained ones)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class KeepAdapterDtypeOnResume:
     """Trainer mixin. trl keeps a quantized base's LoRA weights in bf16 (QLoRA's recipe); the Trainer's resume
     loads them back through peft's ``load_adapter``, which upcasts them to fp32, so a resumed job trained on in
     another precision than an uninterrupted one (tiny-gemma, 12 steps resumed at 4: adapters 0.5 % apart in norm;
-    with this mixin bitwise equal: tests/train/test_trainer.py)."""
+    with this mixin bitwise equal: tests/train/test_recipe.py)."""
 
     model: Any
 

@@ -9,7 +9,7 @@ two full-width passes per projection (``* scaling``, ``+ result``). Both are rep
 * ``fuse_lora_linears``: a LoRA projection as ``base(x)`` + one ``addmm`` that computes ``result + scaling x
   (A(x) @ B^T)`` in the B matmul's epilogue (one rounding instead of three).
 
-Only the summation order differs from transformers'/peft's code; ``tests/train/test_fast_train.py`` compares both on the
+Only the summation order differs from transformers'/peft's code; ``tests/train/test_fast_path.py`` compares both on the
 CPU. Anything these forwards do not cover (several or disabled adapters, merged weights, DoRA, bias on B, extra
 arguments) runs the original forward.
 """

@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from app.core.jobs import JobCreate, JobSpec
 from app.core.settings import Settings
 from tests.core.test_formats import CHAT_ROWS, PC_ROWS
-from tests.train.test_trainer import Recorder
+from tests.train.test_recipe import Recorder
 from worker.train.fast_path import FastSFTTrainer, compile_decoder_layers, label_tokens, split_batch
 from worker.train.packing import IGNORE, PackedBin, PackedStep, PackingCollator
 from worker.train.recipe import build_trainer
