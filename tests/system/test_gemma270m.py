@@ -30,7 +30,9 @@ def test_nf4_job_learns_and_changes_greedy_continuation(client: httpx.Client, qu
             losses[job["progress"]["step"]] = job["metrics"]["loss"]
         return False
 
-    done = wait_for(client, job_id, timeout=600, check=record)
+    # The job took 416 s alone on this 2-core machine on 2026-12-01 (32 s a step, 9 s an evaluation; the same on the
+    # code before the layout change) and longer while other work shared the cores: the bound leaves room for that.
+    done = wait_for(client, job_id, timeout=1800, check=record)
     assert done["status"] == "succeeded", done["error"]
     losses[done["progress"]["step"]] = done["metrics"]["loss"]
     steps = sorted(losses)
