@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +25,9 @@ BASE_MODEL = -1
 
 
 class AdapterSlots:
-    def __init__(self, wrapped: dict[str, MultiLoraLinear], slots: int, rank: int, adapter_dir: Path) -> None:
-        self.wrapped, self.rank, self.adapter_dir = wrapped, rank, adapter_dir
+    def __init__(self, wrapped: dict[str, MultiLoraLinear], slots: int, rank: int,
+                 adapter_path: Callable[[str], Path]) -> None:
+        self.wrapped, self.rank, self.adapter_path = wrapped, rank, adapter_path
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, least recently used first
         self.free_slots = list(range(slots))
         self.slot_users = [0] * slots  # running rows per slot
@@ -89,6 +91,6 @@ class AdapterSlots:
         self.loader.shutdown(wait=False)
 
     def _read(self, name: str, t: float) -> AdapterWeights:
-        weights = read_adapter(self.adapter_dir / name, name, self.rank, set(self.wrapped))
+        weights = read_adapter(self.adapter_path(name), name, self.rank, set(self.wrapped))
         log.info("read adapter %s (%.1f MB) in %.0f ms", name, weights.nbytes / 1e6, (time.monotonic() - t) * 1e3)
         return weights

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,13 +76,14 @@ class _Row:
 
 class BatchEngine:
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, *, max_rows: int, max_len: int,
-                 slots: int, rank: int, adapter_dir: Any, cuda_graphs: bool, prefill_tokens: int = 4096) -> None:
+                 slots: int, rank: int, adapter_path: Callable[[str], Path], cuda_graphs: bool,
+                 prefill_tokens: int = 4096) -> None:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         cfg = model.config
         self.dtype = model.get_input_embeddings().weight.dtype
         self.ctx, self.wrapped = install(model, slots, rank, self.dtype)
-        self.rank, self.max_rows, self.max_len, self.adapter_dir = rank, max_rows, max_len, adapter_dir
+        self.rank, self.max_rows, self.max_len = rank, max_rows, max_len
         self.prefill_tokens = prefill_tokens
         self.layer_types: list[str] | None = getattr(cfg, "layer_types", None)
         self.window: int | None = getattr(cfg, "sliding_window", None)
@@ -107,7 +109,7 @@ class BatchEngine:
         # [rows, slots * rank] 0/1: each row's adapter block of the stacked LoRA columns (zeros: the base model)
         self.lora_mask = torch.zeros(max_rows, slots * rank, dtype=self.dtype, device=self.device)
         self.key_idx = torch.arange(self.cache.length, device=self.device)  # [length] key positions for the mask
-        self.adapters = AdapterSlots(self.wrapped, slots, rank, adapter_dir)
+        self.adapters = AdapterSlots(self.wrapped, slots, rank, adapter_path)
         self.rows: list[_Row | None] = [None] * max_rows  # [rows] the row running in each cache row
         self.waiting: list[_Row] = []
         self.inbox: queue.Queue[_Request] = queue.Queue()

@@ -14,11 +14,13 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from app.core import paths
 from app.core.settings import Settings
 from worker.models import load_model, load_tokenizer, pick_device
 from worker.nf4 import dequantize_nf4, nf4_layer_count
@@ -82,7 +84,8 @@ class EnginePool:
         log.info("serving %s: %d rows, %d adapter slots of rank %d (%.1f MB each), graphs %s", name, rows, slots,
                  s.serve_lora_max_rank, per_slot / 2**20, s.serve_cuda_graphs and device == "cuda")
         return BatchEngine(model, tokenizer, max_rows=rows, max_len=s.serve_max_len, slots=slots,
-                           rank=s.serve_lora_max_rank, adapter_dir=s.adapter_dir, cuda_graphs=s.serve_cuda_graphs)
+                           rank=s.serve_lora_max_rank, adapter_path=partial(paths.adapter_dir, s),
+                           cuda_graphs=s.serve_cuda_graphs)
 
     def loaded(self) -> dict[str, list[str]]:
         """Adapters on each loaded base model, least recently used first."""
