@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers) happen inside task bodies, in the forked child (see celery_app).
 
-Training and faults (README "Reliability"; app/core/lease.py): the task claims its job under a lease
+Training and faults (docs/reliability.md; app/core/lease.py): the task claims its job under a lease
 that a heartbeat process renews, writes only while it owns the job, checkpoints, and on SIGTERM (a
 deploy) saves a checkpoint and requeues the job to resume on the next worker. Each train worker's
 parent sweeps for jobs whose worker was lost, and forwards its own SIGTERM to the training child.

@@ -139,7 +139,7 @@ class LoraSpec(Strict):
 
 class Hyperparameters(Strict):
     # Defaults: the notebook's recipe (100 steps x 1 x 4 = 400 examples, lr 2e-4). Larger effective batches run
-    # far faster on a GPU (README "Training speed"), but the learning rate that keeps quality at that batch is not
+    # far faster on a GPU (docs/training-speed.md), but the learning rate that keeps quality at that batch is not
     # measured yet (bench/quality_parity.py), so the defaults stay the notebook's.
     max_steps: int = Field(100, ge=1, le=10_000, description="Optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")

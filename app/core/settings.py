@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run models.")
 
-    # -- training speed (README "Training speed"; worker/train/fast_path.py) ----------------------------
+    # -- training speed (docs/training-speed.md; worker/train/fast_path.py) ----------------------------
     train_fast_path: bool = Field(
         True, description="Run each step's effective batch as one Trainer batch in token-budgeted pieces "
         "(worker/train/fast_path.py)."
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     generate_timeout_s: float = Field(120.0, gt=0, description="How long /generate waits for a worker.")
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded per generate worker (LRU).")
     base_cache_size: int = Field(2, ge=1, description="Base models kept loaded per generate worker (LRU).")
-    # -- serving (README "Serving"; worker/serve/engine.py) ------------------------------------------
+    # -- serving (docs/serving.md; worker/serve/engine.py) ------------------------------------------
     adapter_cache_mb: float = Field(1024.0, gt=0, description="Device memory for adapter slots per base model; "
                                     "with adapter_cache_size it bounds how many adapters stay loaded.")
     serve_lora_max_rank: int = Field(16, ge=1, le=256, description="Largest LoRA rank the generate worker serves.")
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     readiness_timeout_s: float = Field(1.0, gt=0, description="How long /readyz waits for workers.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest dataset file POST /datasets takes.")
 
-    # -- reliability (README "Reliability"; app/core/lease.py) ------------------------------------
+    # -- reliability (docs/reliability.md; app/core/lease.py) ------------------------------------
     lease_ttl_s: float = Field(30.0, gt=0, description="A running job's lease; lost after this without a heartbeat.")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="How often the training worker renews its lease.")
     reaper_interval_s: float = Field(10.0, gt=0, description="How often workers and the API look for lost jobs.")
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         None, ge=64, description="Cap on a training process's memory (RLIMIT_DATA): over it the job fails "
         "with out_of_memory instead of the machine swapping or the kernel killing the worker.")
 
-    # -- security and limits (README "Security and limits"; app/api/auth.py, app/api/limits.py) ----------
+    # -- security and limits (docs/security.md; app/api/auth.py, app/api/limits.py) ----------
     # The request bounds default to the job contract's (app/core/jobs.py), which a deployment may only lower.
     api_keys: list[ApiKeyEntry] = Field(
         default_factory=list, description="API keys as a JSON list of {sha256, tenant, admin}; none: open."

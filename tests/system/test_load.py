@@ -1,7 +1,7 @@
 """Load on loopback: 200 concurrent clients poll job status and list jobs while 20 jobs train.
 
 A private API and two train workers (tests/faults.py). Every response is timed; the test fails on
-any 5xx or transport error and prints p50 / p99 latency (figures in the README's "Reliability").
+any 5xx or transport error and prints p50 / p99 latency (figures in docs/reliability.md).
 """
 
 from __future__ import annotations
