@@ -79,6 +79,9 @@ class RecordingReporter:
         self.events.append({"kind": kind, "data": data, "record": record, "t": time.monotonic() - self.t0})
         log(f"  event {kind}: {json.dumps(data, default=str)}")
 
+    def phase(self, progress: dict[str, Any]) -> None:
+        self.events.append({"kind": "phase", "data": dict(progress), "record": None, "t": time.monotonic() - self.t0})
+
     def should_stop(self) -> bool:
         return False
 

@@ -45,3 +45,39 @@ def decode_new(tok: PreTrainedTokenizerBase, ids: list[int], prefix: int, read: 
     if len(after) > len(before) and not after.endswith("\ufffd"):
         return after[len(before):], read, len(ids)
     return "", prefix, read
+
+
+#: End-of-turn tokens of the chat templates we know: a chat model ends its turn with one of these, and a
+#: converted checkpoint's config may list only ``<eos>`` (the built-in gemma-3-270m, from GGUF, does).
+END_OF_TURN_TOKENS = ("<end_of_turn>",  # Gemma
+                      "<|eot_id|>", "<|eom_id|>",  # Llama 3
+                      "<|im_end|>",  # ChatML / Qwen
+                      "<|end|>")  # Phi-3
+
+
+def _ids(value: Any) -> list[int]:
+    """An ``eos_token_id`` setting (None, an int or a list of ints) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if v is not None]
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> frozenset[int]:
+    """Every token id that ends a generation: the model's ``generation_config.eos_token_id`` and
+    ``config.eos_token_id`` (an int or a list), the tokenizer's eos, and each family's end-of-turn token
+    (END_OF_TURN_TOKENS, and ``</s>`` where it is the eos) that the tokenizer's vocabulary holds.
+
+    ``model`` may be None or anything with ``config`` / ``generation_config`` attributes. Pure: nothing is
+    loaded or changed (worker/serve/engine.py and worker/train/samples.py both call it)."""
+    ids = [*_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None)),
+           *_ids(getattr(getattr(model, "config", None), "eos_token_id", None)),
+           *_ids(tokenizer.eos_token_id)]
+    names = [*END_OF_TURN_TOKENS, *(["</s>"] if tokenizer.eos_token == "</s>" else [])]
+    for name in names:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        # an unknown token maps to unk (or None): keep only ids that are this very token
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(tid) == name:
+            ids.append(tid)
+    return frozenset(ids)

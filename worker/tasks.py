@@ -62,7 +62,11 @@ class _StoreReporter:
 
     def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
                  point: dict[str, Any]) -> None:
-        self._quietly(self.store.report_progress, self.job_id, step, total_steps, eta_seconds, metrics, point)
+        self._quietly(self.store.report_progress, self.job_id, step, total_steps, eta_seconds, metrics, point,
+                      {"phase": "training", "phase_progress": {"done": step, "total": total_steps}})
+
+    def phase(self, progress: dict[str, Any]) -> None:
+        self._quietly(self.store.report_phase, self.job_id, progress)
 
     def evaluated(self, point: dict[str, Any]) -> None:
         self._quietly(self.store.add_event, self.job_id, "eval", point, metric=point)

@@ -1,7 +1,9 @@
 """The one error builder: every failure becomes an ``ApiError`` (status, code, message, field), and one
 function renders it in either shape: ftaas's envelope ``{"error": {"code", "message", "field"}}`` for every
-4xx and 5xx, or OpenAI's ``{"error": {"message", "type", "param", "code"}}`` on the ``/v1`` routes (422 becomes
-400 there, as OpenAI answers). A worker's ``UserFacingError`` code gets its status from ``USER_ERROR_STATUS``.
+4xx and 5xx, or OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` (422 becomes 400
+there, as OpenAI answers), with OpenAI's words for validation errors, unknown URLs and wrong methods (also for
+paths under ``/v1`` that no route matches). A worker's ``UserFacingError`` code gets its status from
+``USER_ERROR_STATUS``.
 """
 
 from __future__ import annotations
@@ -81,14 +83,34 @@ def _field_of(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _invalid(exc: RequestValidationError) -> ApiError:
+def shape_of(path: str) -> Shape:
+    """OpenAI's shape for everything under ``/v1``, matched by a route or not; ftaas's elsewhere."""
+    return "openai" if path == "/v1" or path.startswith("/v1/") else "ftaas"
+
+
+def _openai_words(kind: str, field: str | None, message: str) -> str:
+    """A validation problem as OpenAI words it (``field`` in OpenAI's terms)."""
+    if field is None:
+        return message
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {field}"
+    if kind == "missing":
+        return f"Missing required parameter: '{field}'."
+    return f"Invalid value for '{field}': {message}"
+
+
+def _invalid(exc: RequestValidationError, shape: Shape = "ftaas") -> ApiError:
     # the deepest location is the most specific one (e.g. the member of a union that almost matched)
     first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
-        return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}")
+        words = ("We could not parse the JSON body of your request" if shape == "openai"
+                 else "request body is not valid JSON")
+        return ApiError(400, "invalid_json", f"{words}: {first.get('msg')}")
     field = _field_of(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if field:
+    if shape == "openai":
+        message = _openai_words(str(first.get("type")), _OPENAI_PARAMS.get(field, field) if field else None, message)
+    elif field:
         message = f"{field}: {message}"
     more = len(exc.errors()) - 1
     if more:
@@ -96,17 +118,27 @@ def _invalid(exc: RequestValidationError) -> ApiError:
     return ApiError(422, "invalid_request", message, field)
 
 
-def as_api_error(request: Request, exc: Exception) -> ApiError:
-    """Any exception as the error the API answers with (an unexpected one is logged and becomes a 500)."""
+def _http_error(request: Request, exc: StarletteHTTPException, shape: Shape) -> ApiError:
+    message = str(exc.detail)
+    if shape == "openai" and exc.status_code == 404 and message == "Not Found":
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif shape == "openai" and exc.status_code == 405 and message == "Method Not Allowed":
+        message = f"Invalid method for URL ({request.method} {request.url.path})"
+    return ApiError(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), message,
+                    headers=getattr(exc, "headers", None))
+
+
+def as_api_error(request: Request, exc: Exception, shape: Shape = "ftaas") -> ApiError:
+    """Any exception as the error the API answers with (an unexpected one is logged and becomes a 500);
+    ``shape`` picks the words of validation and routing errors."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UserFacingError):
         return user_error(exc)
     if isinstance(exc, RequestValidationError):
-        return _invalid(exc)
+        return _invalid(exc, shape)
     if isinstance(exc, StarletteHTTPException):
-        return ApiError(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
-                        headers=getattr(exc, "headers", None))
+        return _http_error(request, exc, shape)
     if isinstance(exc, redis.RedisError):
         log.warning("redis unavailable: %s", exc)
         return ApiError(503, "store_unavailable", "the job store (Redis) is not answering; try again shortly")
@@ -115,7 +147,8 @@ def as_api_error(request: Request, exc: Exception) -> ApiError:
 
 
 def _on_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(as_api_error(request, exc))
+    shape = shape_of(request.url.path)
+    return error_response(as_api_error(request, exc, shape), shape)
 
 
 def install(app: FastAPI) -> None:

@@ -49,10 +49,15 @@ def check_job(body: JobCreate, cfg: Settings) -> None:
 
 
 def check_generate(body: GenerateRequest, cfg: Settings) -> None:
-    """The deployment's limits on a generate request (prompts, prompt length, max_new_tokens)."""
+    """The deployment's limits on a generate request (n, rows = prompts x n, prompt length, max_new_tokens)."""
     prompts = body.prompt_list
+    if body.n > cfg.generate_max_n:
+        raise _exceeded("n", f"{body.n} completions per prompt; at most {cfg.generate_max_n} here")
     if len(prompts) > cfg.max_prompts:
         raise _exceeded("prompts", f"{len(prompts)} prompts; at most {cfg.max_prompts} per request")
+    if len(prompts) * body.n > cfg.max_prompts:
+        raise _exceeded("n", f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} completions; "
+                             f"at most {cfg.max_prompts} per request")
     longest = max((len(p) for p in prompts), default=0)
     if longest > cfg.max_prompt_chars:
         raise _exceeded("prompt" if body.prompt is not None else "prompts",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from app.core.jobs import (  # noqa: F401  (re-exported)
     ALL_PROJECTIONS,
@@ -24,6 +24,7 @@ from app.core.jobs import (  # noqa: F401  (re-exported)
     Hyperparameters,
     JobCreate,
     JobId,
+    JobPhase,
     JobStatus,
     Key,
     Label,
@@ -41,11 +42,21 @@ from app.core.jobs import (  # noqa: F401  (re-exported)
 )
 
 
+class PhaseProgress(BaseModel):
+    done: int
+    total: int
+
+
 class Progress(BaseModel):
     step: int = 0
     total_steps: int
     fraction: float = 0.0
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="Seconds until the whole job ends (every phase left), "
+                                      "from rates measured in this run; null until there is one to base it on.")
+    phase: JobPhase | None = Field(
+        None, description="What the job is doing (null on records older than phases).")
+    phase_progress: PhaseProgress | None = Field(None, description="Progress inside the phase, where it has any "
+                                                 "(evaluation batches, training steps).")
 
 
 class Metrics(BaseModel):
@@ -156,7 +167,10 @@ class GenerateRequest(Strict):
     adapter: JobId | None = Field(None, description="A succeeded job's id; absent: the base model.")
     base_model: ModelName | None = Field(
         None, description="Base model when no adapter is given; default from settings.")
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    echo: bool = Field(False, description="Also return the prompt's tokens with their logprobs (with `logprobs`), "
+                       "before the generated ones; `text` stays the completion. Declared before max_new_tokens, "
+                       "whose check reads it.")
+    max_new_tokens: int = Field(64, ge=0, le=MAX_NEW_TOKENS, description="0 only with echo: score the prompt.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, le=5.0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -166,7 +180,20 @@ class GenerateRequest(Strict):
         default_factory=list, max_length=8, description="Generation ends at the first of these strings."
     )
     stream: bool = Field(False, description="Answer with server-sent events: `token` events as text is generated "
-                         "(prompt index and new text), then one `done` event with the whole response.")
+                         "(output index and new text), then one `done` event with the whole response.")
+    n: int = Field(1, ge=1, le=MAX_PROMPTS, description="Completions per prompt: `outputs[i * n + j]` is prompt i's "
+                   "completion j; with a seed, completion j samples with seed + j. Prompts x n count against the "
+                   "server's prompt limit.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return each token's logprob and its k likeliest "
+                                 "alternatives (k = this; 0: the chosen tokens' only), from the model's logits "
+                                 "before temperature, top-k and top-p.")
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, v: int, info: ValidationInfo) -> int:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("0 only with echo (to score the prompt); otherwise at least 1")
+        return v
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> GenerateRequest:
@@ -179,10 +206,27 @@ class GenerateRequest(Strict):
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
 
 
+class GenerateLogprobs(BaseModel):
+    """One entry per token: the prompt's first with echo (the very first has no logprob: None), then the
+    generated ones (an end-of-sequence token that ended the output is not one)."""
+
+    tokens: list[str] = Field(description="Each token's text (`decode([id])`, special tokens as their text).")
+    token_ids: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The k likeliest tokens' texts and logprobs at each position ({} when logprobs is 0).")
+    text_offset: list[int] = Field(description="Each token's character offset in (the prompt with echo, else "
+                                   "nothing) + the generated text.")
+
+
 class GenerateOutput(BaseModel):
-    text: str
-    tokens: int
-    finish_reason: Literal["stop", "length"]
+    text: str = Field(description="The completion (never the prompt, echo or not), cut at a stop string.")
+    tokens: int = Field(description="Tokens generated.")
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: an end token (end of sequence or the chat template's end of turn) or a stop string; "
+                    "length: max_new_tokens reached.")
+    prompt_tokens: int = Field(description="Tokens of the prompt this output continued.")
+    logprobs: GenerateLogprobs | None = Field(None, description="With `logprobs` in the request.")
 
 
 class GenerateResponse(BaseModel):

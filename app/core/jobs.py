@@ -9,7 +9,7 @@ its resolved base model, whether it set its template, its seed); a worker reads 
 from __future__ import annotations
 
 import string
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -27,6 +27,10 @@ from app.core.ids import DATASET_ID, GEN_ID, JOB_ID, MODEL_NAME, hub_repo_id_pro
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+#: What a job is doing, in the order a job does it (``queued`` before a worker has it; worker/train/phases.py).
+JobPhase = Literal["queued", "preparing_data", "loading_model", "evaluating_before", "sampling_before", "training",
+                   "evaluating_after", "sampling_after", "saving"]
+PHASES: tuple[JobPhase, ...] = get_args(JobPhase)
 TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_PROJECTIONS: list[TargetModule] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -280,13 +284,23 @@ class GenerateTask(BaseModel):
     adapter: JobId | None
     base_model: ModelName
     quantization: Literal["nf4", "none"]
-    max_new_tokens: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=0, description="0 only with echo (the prompt's logprobs alone).")
     do_sample: bool
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1.0)
     top_k: int = Field(ge=0)
     seed: int | None
     stop: list[str]
+    # added after TASK_VERSION 1 with defaults, so the messages of before still read
+    n: int = Field(1, ge=1, description="Completions per prompt: rows i * n + j; row j samples with seed + j.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Each token's logprob and its k likeliest.")
+    echo: bool = Field(False, description="Also the prompt's tokens' logprobs.")
+
+    @model_validator(mode="after")
+    def _tokens_or_echo(self) -> GenerateTask:
+        if self.max_new_tokens == 0 and not self.echo:
+            raise ValueError("max_new_tokens may be 0 only with echo")
+        return self
 
     def engine_request(self) -> dict[str, Any]:
         """The request dict the serving engine takes (worker/serve/pool.py ``submit``)."""

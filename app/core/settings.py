@@ -125,7 +125,10 @@ class Settings(BaseSettings):
                                 description="Largest max_new_tokens of a generate request.")
     max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS,
                                   description="Longest prompt of a generate request, in characters.")
-    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="Most prompts in one generate request.")
+    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS,
+                             description="Most rows (prompts x n) in one generate request.")
+    generate_max_n: int = Field(8, ge=1, le=MAX_PROMPTS, description="Largest n (completions per prompt) of a "
+                                "generate request.")
     max_active_jobs: int = Field(8, ge=1, description="Queued + running jobs a tenant may have at once (429).")
     generate_rate: int = Field(120, ge=1, description="Generate requests a tenant may make per rate window (429).")
     generate_rate_window_s: int = Field(60, ge=1, description="The generate rate's fixed window, in seconds.")

@@ -234,6 +234,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/v1/fine_tuning/jobs/{job_id}"): _by_id(404, 200),
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): _by_id(404, 409),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): _by_id(404, 200),
+    ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): _by_id(404, 200),
     ("GET", "/v1/models"): {"other": _lists("model", _data_ids, False), "owner": _lists("model", _data_ids, True),
                             "admin": _lists("model", _data_ids, True)},
     ("GET", "/v1/models/{model}"): _by_id(404, 200),

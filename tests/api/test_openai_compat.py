@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,9 +26,14 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+def strict_client(service: str) -> OpenAI:
+    """The official client as user code makes it, also checking every answer against its types."""
+    return OpenAI(base_url=f"{service}/v1", api_key="x", max_retries=0, timeout=120, _strict_response_validation=True)
+
+
 @pytest.fixture(scope="module")
 def oai(service: str) -> Iterator[OpenAI]:
-    with OpenAI(base_url=f"{service}/v1", api_key="x", max_retries=0, timeout=120) as c:
+    with strict_client(service) as c:
         yield c
 
 
@@ -79,6 +85,9 @@ def test_fine_tuning_job_fields(trained: FineTuningJob) -> None:
     assert job.trained_tokens and job.trained_tokens > 0
     assert job.seed == 3 and job.metadata == {"team": "qa"} and job.validation_file is None
     assert job.training_file and job.training_file.startswith("ds_")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a value of another type than the client's warns when dumped
+        assert job.model_dump()["hyperparameters"] == {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 2}
 
 
 def test_list_jobs_and_events(oai: OpenAI, trained: FineTuningJob) -> None:
@@ -127,9 +136,17 @@ def test_completions_with_the_fine_tuned_model(oai: OpenAI, trained: FineTuningJ
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in {"stop", "length"}
     assert chunks[-1].usage and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
 
-    streamed = list(oai.completions.create(model="tiny-gemma", prompt="Quote", max_tokens=4, temperature=0,
-                                           stream=True))
-    assert len(streamed) == 1 and streamed[0].choices[0].finish_reason in {"stop", "length"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert whole.usage and whole.usage.prompt_tokens > 0
+
+    # log probabilities come from the adapter's rows too: greedy picks the likeliest token
+    scored = oai.completions.create(model=model, prompt="Quote", max_tokens=4, temperature=0, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert lp and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert done.choices[0].text.startswith(scored.choices[0].text)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == scored.usage.completion_tokens  # type: ignore[union-attr]
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-3) and logprob <= 0
 
 
 def test_errors_in_openai_shape(oai: OpenAI, service: str, client: httpx.Client) -> None:

@@ -80,6 +80,21 @@ def test_generate_tasks_are_versioned_and_other_releases_are_named() -> None:
     assert GenerateTask.stream_of({"gen_id": "../x"}) is None
 
 
+def test_generate_options_have_defaults_so_earlier_messages_still_read() -> None:
+    """n, logprobs and echo came after TASK_VERSION 1 with defaults: a message without them reads as before, and
+    the engine gets them; max_new_tokens 0 is only for echo."""
+    old = GenerateTask.read(_task())
+    assert (old.n, old.logprobs, old.echo) == (1, None, False)
+    assert {"n": 1, "logprobs": None, "echo": False}.items() <= old.engine_request().items()
+    scored = GenerateTask.read(_task(n=3, logprobs=5, echo=True, max_new_tokens=0))
+    assert scored.engine_request()["n"] == 3 and scored.engine_request()["max_new_tokens"] == 0
+    for bad, where in (({"max_new_tokens": 0}, "max_new_tokens may be 0 only with echo"), ({"n": 0}, "n:"),
+                       ({"logprobs": 21}, "logprobs:")):
+        with pytest.raises(UserFacingError, match=where) as err:
+            GenerateTask.read(_task(**bad))
+        assert err.value.code == "unsupported_task"
+
+
 def test_the_generate_worker_answers_another_release_at_once(client: httpx.Client, service_env: dict[str, str]) -> None:
     """A message of another release reaches the real worker: its stream gets ``unsupported_task`` right away
     (the API would answer it in well under its generate timeout), and a current message still works."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.core.errors import UserFacingError
-from app.core.jobs import JobCreate, JobSpec
+from app.core.jobs import JobCreate, JobSpec, ValidationSpec
 from app.core.settings import Settings
 from worker.train.recipe import train
 
@@ -18,17 +18,23 @@ class Recorder:
         self.steps: list[int] = []
         self.evals: list[dict[str, Any]] = []
         self.events: list[str] = []
+        self.phases: list[dict[str, Any]] = []
+        self.etas: list[float | None] = []
         self.stop_after = stop_after
 
     def progress(self, step: int, total_steps: int, eta_seconds: float | None, metrics: dict[str, float],
                  point: dict[str, Any]) -> None:
         self.steps.append(step)
+        self.etas.append(eta_seconds)
 
     def evaluated(self, point: dict[str, Any]) -> None:
         self.evals.append(point)
 
     def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None:
         self.events.append(kind)
+
+    def phase(self, progress: dict[str, Any]) -> None:
+        self.phases.append(dict(progress))
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.steps) >= self.stop_after
@@ -56,6 +62,26 @@ def test_trains_reports_every_step_and_saves(settings: Settings, tmp_path: Path,
     assert (out / "adapter_model.safetensors").is_file()
     assert set(outcome.seconds) == {"data", "load", "eval", "train", "save"}
     assert rec.events == ["dataset_stats", "adapter_saved"] and outcome.evaluation["samples"]
+
+
+def test_every_phase_is_reported_in_order_with_an_eta_only_once_steps_are_measured(
+        settings: Settings, tmp_path: Path, quotes: list[dict[str, Any]]) -> None:
+    rec = Recorder()
+    spec = _payload(quotes[:24], max_steps=4, eval_interval=3)
+    spec = spec.model_copy(update={"validation": ValidationSpec(fraction=0.25)})
+    train(spec, tmp_path / "adapter", rec, settings)
+    order = [p["phase"] for p in rec.phases]
+    # the Trainer evaluates at its last step itself (eval_strategy "steps"), so there is no evaluating_after
+    assert list(dict.fromkeys(order)) == ["preparing_data", "loading_model", "evaluating_before", "sampling_before",
+                                          "training", "sampling_after", "saving"]
+    before = [p for p in rec.phases if p["phase"] == "evaluating_before"]
+    assert before[0]["phase_progress"] == {"done": 0, "total": 1}  # 6 held-out rows: one batch
+    assert before[-1]["phase_progress"] == {"done": 1, "total": 1}
+    # no step rate before training: no ETA; after it (evaluating_after, sampling_after) always one
+    first_training = order.index("training")
+    assert all(p["eta_seconds"] is None for p in rec.phases[:first_training + 1])
+    assert all(p["eta_seconds"] is not None and p["eta_seconds"] >= 0 for p in rec.phases[first_training + 1:])
+    assert rec.etas[0] is not None and rec.etas[-1] is not None and rec.etas[-1] <= rec.etas[0]
 
 
 def test_stops_when_cancelled_and_saves_nothing(settings: Settings, tmp_path: Path,

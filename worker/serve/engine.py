@@ -1,6 +1,6 @@
 """Continuous batching for one base model: an engine thread that decodes every running request together.
 
-Requests (one row per prompt) wait in a queue; between decode steps the thread admits new rows (prefilled
+Requests (``n`` rows per prompt) wait in a queue; between decode steps the thread admits new rows (prefilled
 together, right-padded, into free rows of a static per-row KV cache), then runs one decode step for all
 rows, samples each row with its own settings, streams text pieces and drops finished rows. Each row
 keeps its own position, so rows that joined at different times share a step. A row's adapter is a slot
@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,47 +30,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from app.core.errors import UserFacingError
-from worker.decoding import LENGTH, STOP, FinishReason, decode_new, finished_output, has_stop
+from worker.decoding import LENGTH, STOP, FinishReason, decode_new, end_token_ids, finished_output, has_stop
 from worker.serve.adapter_slots import BASE_MODEL, AdapterSlots
 from worker.serve.kv_cache import SlotCache
+from worker.serve.logprobs import RowLogprobs, as_output, prompt_entries, record
 from worker.serve.multi_lora import install
+from worker.serve.rows import Piece, Request, Row
 from worker.serve.sampling import Params, holdback, sample
 
 log = logging.getLogger("ftaas.batcher")
-Piece = Callable[[int, str], None]  # (prompt index, new text)
-
-
-@dataclass
-class _Request:
-    prompts: list[str]
-    params: Params
-    adapter: str | None
-    on_piece: Piece | None
-    future: Future[dict[str, Any]]
-    t_submit: float = field(default_factory=time.monotonic)
-    t_start: float | None = None
-    t_first: float | None = None
-    t_load: float | None = None
-    load_ms: float = 0.0
-    cache: str | None = None
-    outputs: list[dict[str, Any] | None] = field(default_factory=list)
-    left: int = 0
-
-
-@dataclass
-class _Row:
-    req: _Request
-    index: int
-    prompt: list[int]
-    ids: list[int] = field(default_factory=list)
-    row: int = -1  # its row of the cache and the step buffers (-1 while waiting)
-    slot: int = BASE_MODEL  # its adapter's slot
-    pos: int = 0
-    sent: int = 0
-    gen: torch.Generator | None = None
-    text: str = ""  # decoded so far (kept only for stop strings and streaming)
-    prefix: int = 0  # ids[prefix:read]: the window worker.decoding.decode_new decodes again
-    read: int = 0
 
 
 class BatchEngine:
@@ -93,9 +60,8 @@ class BatchEngine:
         # Graphs need the whole length up front; eager (CPU) grows the cache as prompts need it.
         self.cache = SlotCache(cfg.num_hidden_layers, max_rows, cfg.num_key_value_heads, head_dim,
                                max_len if self.graphed else min(max_len, 256), self.dtype, self.device)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = [tokenizer.eos_token_id, tokenizer.pad_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]
-        self.eos = {e for e in eos if e is not None}
+        # every end token of the model (its chat template's end of turn too), and pad as before
+        self.eos = end_token_ids(tokenizer, model) | {e for e in [tokenizer.pad_token_id] if e is not None}
         # transformers >= 5.2x names the model's cache argument ``cache`` (``past_key_values`` before)
         params = inspect.signature(model.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -110,9 +76,9 @@ class BatchEngine:
         self.lora_mask = torch.zeros(max_rows, slots * rank, dtype=self.dtype, device=self.device)
         self.key_idx = torch.arange(self.cache.length, device=self.device)  # [length] key positions for the mask
         self.adapters = AdapterSlots(self.wrapped, slots, rank, adapter_path)
-        self.rows: list[_Row | None] = [None] * max_rows  # [rows] the row running in each cache row
-        self.waiting: list[_Row] = []
-        self.inbox: queue.Queue[_Request] = queue.Queue()
+        self.rows: list[Row | None] = [None] * max_rows  # [rows] the row running in each cache row
+        self.waiting: list[Row] = []
+        self.inbox: queue.Queue[Request] = queue.Queue()
         # batch bucket -> (its captured decode step, that step's output logits [bucket, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_rows] + [max_rows]
@@ -131,8 +97,8 @@ class BatchEngine:
     # -- public -----------------------------------------------------------------------------------
     def submit(self, prompts: list[str], params: Params, adapter: str | None = None,
                on_piece: Piece | None = None) -> Future[dict[str, Any]]:
-        req = _Request(prompts, params, adapter, on_piece, Future(), outputs=[None] * len(prompts),
-                       left=len(prompts))
+        rows = len(prompts) * params.n
+        req = Request(prompts, params, adapter, on_piece, Future(), outputs=[None] * rows, left=rows)
         self.inbox.put(req)
         return req.future
 
@@ -196,8 +162,9 @@ class BatchEngine:
                 self.graphs[n] = (graph, out)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), time.monotonic() - t)
 
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """Right-padded prompts of ``rows`` into their cache rows; the logits at each one's last token."""
+    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+        """Right-padded prompts of ``rows`` into their cache rows; the logits at each one's last token (and
+        with echo, the prompt's logprobs from every position's)."""
         t = max(len(r.prompt) for r in rows)
         ids = torch.zeros(len(rows), t, dtype=torch.long)  # [group, longest prompt] right-padded
         for i, r in enumerate(rows):
@@ -209,6 +176,9 @@ class BatchEngine:
         q, k = p[None, None, :, None], p[None, None, None, :]
         pos = p[None, :].expand(len(rows), t)
         hidden = self._forward(ids.to(self.device), pos, self._masks(k <= q, q, k))  # [group, t, hidden]
+        for i, r in enumerate(rows):
+            if r.lp is not None and r.req.params.echo:
+                r.lp.prompt = prompt_entries(self._logits, hidden[i, : len(r.prompt)], r.prompt, r.lp.k)
         last = torch.tensor([len(r.prompt) - 1 for r in rows], device=self.device)
         return self._logits(hidden[torch.arange(len(rows), device=self.device), last])
 
@@ -253,15 +223,18 @@ class BatchEngine:
             except UserFacingError as e:
                 self._fail(req, e)
                 continue
+            p = req.params
             for i, ids in enumerate(encoded):
-                gen = None
-                if req.params.do_sample:
-                    gen = torch.Generator(device=self.device)
-                    gen.manual_seed(req.params.seed if req.params.seed is not None else
-                                    int(torch.randint(0, 2**31 - 1, (1,)).item()))
-                self.waiting.append(_Row(req, i, ids, gen=gen))
+                for j in range(p.n):
+                    gen = None
+                    if p.do_sample:
+                        gen = torch.Generator(device=self.device)
+                        gen.manual_seed(p.seed + j if p.seed is not None else
+                                        int(torch.randint(0, 2**31 - 1, (1,)).item()))
+                    lp = RowLogprobs(p.logprobs) if p.logprobs is not None else None
+                    self.waiting.append(Row(req, i * p.n + j, ids, gen=gen, lp=lp))
 
-    def _adapter_slot(self, req: _Request) -> int | None:
+    def _adapter_slot(self, req: Request) -> int | None:
         """The slot of the request's adapter (BASE_MODEL for none), or None while it loads or no slot is free;
         marks the request a cache ``hit`` or ``load``."""
         name = req.adapter
@@ -277,7 +250,7 @@ class BatchEngine:
         return self.adapters.slot_for(name)
 
     def _admit(self) -> None:
-        admitted: list[_Row] = []
+        admitted: list[Row] = []
         blocked: set[int] = set()
         budget = self.prefill_tokens
         for r in list(self.waiting):
@@ -326,18 +299,23 @@ class BatchEngine:
         active = [x for x in self.rows[:n] if x is not None]
         self._advance(active, logits, [x.row for x in active])
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor, at: list[int]) -> None:
+    def _advance(self, rows: list[Row], logits: torch.Tensor, at: list[int]) -> None:
         """Pick each row's next token (``logits[at[i]]`` for ``rows[i]``), stream it, finish rows; the rest
         feed their token at the next step."""
         greedy = logits.argmax(-1).tolist()
+        tokens = [int(greedy[a]) if not r.req.params.do_sample else sample(logits[a], r.req.params, r.gen)
+                  for r, a in zip(rows, at, strict=True)]
+        record([(r.lp, a, t) for r, a, t in zip(rows, at, tokens, strict=True)
+                if r.lp is not None and r.req.params.max_new_tokens and t not in self.eos], logits)
         now = time.monotonic()
-        for i, r in enumerate(rows):
+        for r, token in zip(rows, tokens, strict=True):
             p = r.req.params
-            token = int(greedy[at[i]]) if not p.do_sample else sample(logits[at[i]], p, r.gen)
             if r.req.t_first is None:
                 r.req.t_first = now
             finish: FinishReason | None = None
-            if token in self.eos:
+            if not p.max_new_tokens:  # echo alone: the prompt's logprobs, nothing generated
+                finish = LENGTH
+            elif token in self.eos:
                 finish = STOP
             else:
                 r.ids.append(token)
@@ -352,7 +330,9 @@ class BatchEngine:
             output: dict[str, Any] | None = None
             if finish:  # the whole decode once, cut at the first stop string
                 whole = str(self.tok.decode(r.ids, skip_special_tokens=True))
-                output = finished_output(whole, len(r.ids), finish, p.stop)
+                output = finished_output(whole, len(r.ids), finish, p.stop) | {"prompt_tokens": len(r.prompt)}
+                if r.lp is not None:
+                    output["logprobs"] = as_output(r.lp, self.tok, r.req.prompts[r.index // p.n] if p.echo else None)
                 text = output["text"]
             if r.req.on_piece:
                 safe = text if finish else holdback(text, p.stop)
@@ -368,7 +348,7 @@ class BatchEngine:
         self.ids.copy_(self.ids_host, non_blocking=True)
         self.pos.copy_(self.pos_host, non_blocking=True)
 
-    def _free_row(self, r: _Row) -> None:
+    def _free_row(self, r: Row) -> None:
         if r.row >= 0 and self.rows[r.row] is r:
             self.rows[r.row] = None
             self.ids_host[r.row, 0] = 0
@@ -377,21 +357,15 @@ class BatchEngine:
             if r.slot != BASE_MODEL:
                 self.adapters.release(r.slot)
 
-    def _finish(self, r: _Row, output: dict[str, Any]) -> None:
+    def _finish(self, r: Row, output: dict[str, Any]) -> None:
         self._free_row(r)
         req = r.req
         req.outputs[r.index] = output
         req.left -= 1
         if req.left == 0 and not req.future.done():
-            end = time.monotonic()
-            start = req.t_start or end
-            req.future.set_result({
-                "outputs": req.outputs, "adapter_cache": req.cache,
-                "timing": {"load_ms": round(req.load_ms, 1), "generate_ms": round((end - start) * 1000, 1),
-                           "engine_ms": round((end - req.t_submit) * 1000, 1),
-                           "ttft_ms": round(((req.t_first or end) - req.t_submit) * 1000, 1)}})
+            req.future.set_result(req.result())
 
-    def _fail(self, req: _Request, e: Exception) -> None:
+    def _fail(self, req: Request, e: Exception) -> None:
         for r in [x for x in self.rows if x is not None and x.req is req]:
             self._free_row(r)
         self.waiting = [x for x in self.waiting if x.req is not req]

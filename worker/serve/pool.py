@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,8 @@ from app.core import paths
 from app.core.settings import Settings
 from worker.models import load_model, load_tokenizer, pick_device
 from worker.nf4 import dequantize_nf4, nf4_layer_count
-from worker.serve.engine import BatchEngine, Piece
+from worker.serve.engine import BatchEngine
+from worker.serve.rows import Piece
 from worker.serve.sampling import Params
 
 log = logging.getLogger("ftaas.inference")
@@ -97,16 +99,19 @@ class EnginePool:
                            "adapter_slots": b.adapters.size} for (n, q), b in list(self._bases.items())]}
 
     def submit(self, req: dict[str, Any], on_piece: Piece | None = None) -> Future[dict[str, Any]]:
-        """``req``: prompts, base_model, quantization, adapter (or None) and the sampling fields.
+        """``req``: prompts, base_model, quantization, adapter (or None) and the fields of
+        worker.serve.sampling.Params (``n``, ``logprobs`` and ``echo`` may be left out).
 
-        The result: outputs, adapter, base_model, timing and ``adapter_cache`` (``hit``, ``load`` or None).
-        ``on_piece(prompt index, text)`` is called from the engine thread with each new piece of text.
+        The result: outputs (``len(prompts) * n``, prompt-major: ``outputs[i * n + j]`` is completion j of prompt
+        i), adapter, base_model, timing and ``adapter_cache`` (``hit``, ``load`` or None). Each output has
+        ``text``, ``tokens``, ``finish_reason``, ``prompt_tokens`` and, with ``logprobs`` not None, ``logprobs``
+        (worker/serve/logprobs.py). ``on_piece(output index, text)`` is called from the engine thread with each
+        new piece of text.
         """
         t0 = time.monotonic()
         engine = self._base(req["base_model"], req["quantization"])
         base_ms = (time.monotonic() - t0) * 1000
-        params = Params(**{k: req[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                                                "seed", "stop")})
+        params = Params(**{f.name: req[f.name] for f in fields(Params) if f.name in req})
         outer: Future[dict[str, Any]] = Future()
 
         def done(inner: Future[dict[str, Any]]) -> None:

@@ -16,6 +16,9 @@ class Params:
     top_k: int = 50
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    n: int = 1  # rows (completions) per prompt; row j samples with seed + j
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest (worker.serve.logprobs)
+    echo: bool = False  # also the prompt's tokens' logprobs (max_new_tokens may be 0 then)
 
 
 def sample(logits: torch.Tensor, p: Params, gen: torch.Generator | None) -> int:

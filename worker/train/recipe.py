@@ -28,10 +28,11 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from app.core.errors import UserFacingError
-from app.core.jobs import JobSpec, SpecHyperparameters
+from app.core.jobs import JobPhase, JobSpec, SpecHyperparameters
 from app.core.settings import Settings
 from worker.models import compute_dtype, load_model, load_tokenizer, pick_device
 from worker.nf4 import dequantize_nf4
@@ -45,6 +46,7 @@ from worker.train.fast_path import (
     pack_budget,
 )
 from worker.train.fused import fuse_gemma_norms, fuse_lora_linears
+from worker.train.phases import PhaseClock
 from worker.train.samples import generate_texts
 
 log = logging.getLogger("ftaas.trainer")
@@ -58,6 +60,7 @@ class Reporter(Protocol):
                  point: dict[str, Any]) -> None: ...
     def evaluated(self, point: dict[str, Any]) -> None: ...
     def event(self, kind: str, data: dict[str, Any], record: dict[str, Any] | None = None) -> None: ...
+    def phase(self, progress: dict[str, Any]) -> None: ...
     def should_stop(self) -> bool: ...
 
 
@@ -72,21 +75,35 @@ class TrainOutcome:
 
 
 class _ProgressCallback(TrainerCallback):
-    """Reports each logging step and evaluation; stops training at the next step once cancelled."""
+    """Reports each logging step, evaluation and phase (with the clock's ETA for the whole job); stops
+    training at the next step once cancelled."""
 
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
+    def __init__(self, reporter: Reporter, clock: PhaseClock, label: str = "") -> None:
+        self.reporter, self.clock, self.label = reporter, clock, label
         self.cancelled = False
         self.losses: list[float] = []
         self.t0 = time.monotonic()
-        self.step0 = 0
+        self.eval_batch = 0
+
+    def enter(self, phase: JobPhase, total: int | None = None) -> None:
+        self.reporter.phase(self.clock.enter(phase, total))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self.t0, self.step0 = time.monotonic(), state.global_step  # a resumed run starts at its checkpoint
+        self.t0 = time.monotonic()
+        self.clock.stepped(state.global_step)  # a resumed run starts at its checkpoint
+        self.enter("training", state.max_steps)
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           **kwargs: Any) -> None:
+        """An evaluation batch is done: the evaluation phases show it (those inside training do not)."""
+        self.eval_batch += 1
+        if self.clock.phase in ("evaluating_before", "evaluating_after"):
+            self.reporter.phase(self.clock.advance(self.eval_batch))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
+        self.clock.stepped(state.global_step)
         if self.reporter.should_stop():
             self.cancelled = True
             control.should_training_stop = True
@@ -106,9 +123,31 @@ class _ProgressCallback(TrainerCallback):
         self.losses.append(metrics["loss"])
         point |= {"loss": metrics["loss"], "learning_rate": metrics.get("learning_rate"),
                   "tokens_seen": int(logs["num_tokens"]) if "num_tokens" in logs else None}
-        done = step - self.step0  # steps this process ran: the ETA's rate is theirs, also after a resume
-        eta = round((time.monotonic() - self.t0) / done * (total - step), 1) if done > 0 else None
+        eta = self.clock.eta_seconds()  # the whole job's: this run's step rate, evaluations and sampling
+        log.info("%sstep %d/%d loss %.4f lr %.3g grad_norm %s eta %s", f"{self.label} " if self.label else "",
+                 step, total, metrics["loss"], metrics.get("learning_rate", 0.0),
+                 f"{metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "-",
+                 f"{eta:.0f}s" if eta is not None else "-")
         self.reporter.progress(step, total, eta, metrics, point)
+
+
+class _TimedEval:
+    """Trainer mixin: each evaluation's seconds go to the job's phase clock (for the ETA)."""
+
+    clock: PhaseClock | None = None
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        t = time.monotonic()
+        try:
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc,no-any-return]
+        finally:
+            if self.clock is not None:
+                self.clock.evaluated(time.monotonic() - t)
+
+
+def eval_steps(hp: SpecHyperparameters) -> int:
+    """Steps between the evaluations during training (when the job has a validation set)."""
+    return hp.eval_interval or max(1, hp.max_steps // 5)
 
 
 def _config(hp: SpecHyperparameters, device: str, output_dir: str, data: PreparedData, fast: bool = False) -> SFTConfig:
@@ -138,7 +177,7 @@ def _config(hp: SpecHyperparameters, device: str, output_dir: str, data: Prepare
         # when logging every step: a diverged job then looked fine. Log it as it is (``train`` fails the job).
         logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluating else "no",
-        eval_steps=hp.eval_interval or max(1, hp.max_steps // 5),
+        eval_steps=eval_steps(hp),
         assistant_only_loss=data.format == "messages",
         save_strategy="no",
         report_to="none",
@@ -168,21 +207,24 @@ def _token_stats(data: PreparedData, tokenizer: PreTrainedTokenizerBase, max_len
             "over_max_length": sum(n > max_length for n in lengths)}
 
 
-class _Trainer(KeepAdapterDtypeOnResume, SFTTrainer):
+class _Trainer(_TimedEval, KeepAdapterDtypeOnResume, SFTTrainer):
     pass
 
 
-class _FastTrainer(KeepAdapterDtypeOnResume, FastSFTTrainer):
+class _FastTrainer(_TimedEval, KeepAdapterDtypeOnResume, FastSFTTrainer):
     pass
 
 
-def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings,
-                  output_dir: str) -> tuple[SFTTrainer, PreparedData, _ProgressCallback, dict[str, float]]:
-    """Data, tokenizer, NF4 model and the SFTTrainer for a job, ready to train (tests inspect it)."""
+def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings, output_dir: str,
+                  label: str = "") -> tuple[SFTTrainer, PreparedData, _ProgressCallback, dict[str, float]]:
+    """Data, tokenizer, NF4 model and the SFTTrainer for a job, ready to train (tests inspect it). The
+    callback holds the job's phase clock; ``label`` starts the step log lines (the job id)."""
     hp = spec.hyperparameters
     device = pick_device(settings)
     seconds: dict[str, float] = {}
     t = time.monotonic()
+    clock = PhaseClock(hp.max_steps, None)  # its evaluation interval once the data says there is a validation set
+    reporter.phase(clock.progress())
     data = prepare(spec, settings)
     try:
         tokenizer = load_tokenizer(spec.base_model, settings)
@@ -192,6 +234,7 @@ def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings,
         seconds["data"] = time.monotonic() - t
         reporter.event("dataset_stats", data.stats, {"dataset_stats": data.stats})
         t = time.monotonic()
+        reporter.phase(clock.enter("loading_model"))
         model = load_model(spec.base_model, hp.quantization, settings)
         fast = settings.train_fast_path
         if fast and device == "cuda" and settings.train_dequantize and hp.quantization == "nf4":
@@ -207,7 +250,8 @@ def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings,
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
     )
-    callback = _ProgressCallback(reporter)
+    clock.eval_steps = eval_steps(hp) if data.validation is not None else None
+    callback = _ProgressCallback(reporter, clock, label)
     extra: dict[str, Any] = {}
     if fast:
         budget = auto_token_budget(model, device, hp.gradient_checkpointing, settings.train_memory_gib,
@@ -221,6 +265,8 @@ def build_trainer(spec: JobSpec, reporter: Reporter, settings: Settings,
         eval_dataset=data.validation, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
         **extra,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict (to the worker log at WARNING level)
+    trainer.clock = clock  # type: ignore[attr-defined]
     if fast and device == "cuda" and settings.train_fused_kernels:
         log.info("fused %d norms and %d LoRA projections", fuse_gemma_norms(trainer.model),  # type: ignore[arg-type]
                  fuse_lora_linears(trainer.model))  # type: ignore[arg-type]
@@ -249,6 +295,13 @@ def _final_eval_loss(trainer: SFTTrainer) -> float | None:
     return None
 
 
+def _evaluate(trainer: SFTTrainer, callback: _ProgressCallback, phase: JobPhase) -> float:
+    """The eval loss, measured as the job's ``phase``, whose progress is the evaluation's batches."""
+    callback.eval_batch = 0
+    callback.enter(phase, len(trainer.get_eval_dataloader()))
+    return float(trainer.evaluate()["eval_loss"])
+
+
 def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seed: int) -> list[str]:
     model = trainer.model
     was_training = model.training  # type: ignore[union-attr]
@@ -267,7 +320,8 @@ def train(spec: JobSpec, out_dir: Path, reporter: Reporter, settings: Settings,
     """
     seed = spec.hyperparameters.seed
     with tempfile.TemporaryDirectory(prefix="ftaas-train-") as scratch:
-        trainer, data, callback, seconds = build_trainer(spec, reporter, settings, str(checkpoint_dir or scratch))
+        trainer, data, callback, seconds = build_trainer(spec, reporter, settings, str(checkpoint_dir or scratch),
+                                                         out_dir.name)
         saver = CheckpointCallback(settings.checkpoint_interval if checkpoint_dir else 0, preempt,
                                    lambda: callback.cancelled)
         trainer.add_callback(saver)
@@ -280,7 +334,8 @@ def train(spec: JobSpec, out_dir: Path, reporter: Reporter, settings: Settings,
         evaluation: dict[str, Any] = {}
         with _base_only(trainer):
             if data.validation is not None:
-                evaluation["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+                evaluation["eval_loss_before"] = _evaluate(trainer, callback, "evaluating_before")
+            callback.enter("sampling_before")
             before = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]
         seconds["eval"] = time.monotonic() - t
 
@@ -298,15 +353,18 @@ def train(spec: JobSpec, out_dir: Path, reporter: Reporter, settings: Settings,
         t = time.monotonic()
         if data.validation is not None:
             final = _final_eval_loss(trainer)  # the periodic evals end at the last step when it is a multiple
-            evaluation["eval_loss_after"] = final if final is not None else trainer.evaluate()["eval_loss"]
+            evaluation["eval_loss_after"] = (final if final is not None
+                                             else _evaluate(trainer, callback, "evaluating_after"))
             before_loss = evaluation["eval_loss_before"]
             evaluation["relative_change"] = round((evaluation["eval_loss_after"] - before_loss) / before_loss, 4)
+        callback.enter("sampling_after")
         after = _samples(trainer, tokenizer, prompts, seed)  # type: ignore[arg-type]
         evaluation["samples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after,
                                                                                           strict=True)]
         seconds["eval"] += time.monotonic() - t
 
     t = time.monotonic()
+    callback.enter("saving")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)  # type: ignore[union-attr,operator]

@@ -17,13 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError
-from app.api.openai.protocol import (
-    AUTO_EPOCHS,
-    BASE_LEARNING_RATE,
-    ORGANIZATION_ID,
-    ChatMessageIn,
-    FineTuningJobCreate,
-)
+from app.api.openai.protocol import AUTO_EPOCHS, BASE_LEARNING_RATE, ORGANIZATION_ID, FineTuningJobCreate
 from app.api.schemas import DEFAULT_TEMPLATE, JobCreate
 from app.core.formats import detect_format, row_stats
 
@@ -31,15 +25,19 @@ _SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 M = TypeVar("M", bound=BaseModel)
 
 
-def build(model: type[M], param: str | None, **fields: Any) -> M:
-    """An ftaas request model from mapped OpenAI fields; what does not fit ftaas's bounds is a 400."""
+def build(model: type[M], params: dict[str, str] | None, **fields: Any) -> M:
+    """An ftaas request model from mapped OpenAI fields; what does not fit ftaas's bounds is a 400 naming the
+    OpenAI field (``params``: ftaas field -> OpenAI field; unmapped ones keep their ftaas name)."""
     try:
         return model(**fields)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, "invalid_request", f"{param or where}: {first['msg']} ({where} in ftaas terms)",
-                       param or where) from None
+        param = (params or {}).get(str(first["loc"][0]), where) if first["loc"] else None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if param:
+            message = f"Invalid value for '{param}': {message} ({where} in ftaas terms)"
+        raise ApiError(400, "invalid_request", message, param) from None
 
 
 def job_create(body: FineTuningJobCreate, rows: list[dict[str, Any]]) -> JobCreate:
@@ -78,12 +76,30 @@ def model_object(job: dict[str, Any]) -> dict[str, Any]:
             "owned_by": ORGANIZATION_ID}
 
 
+def whole_epochs(hp: dict[str, Any], stats: dict[str, Any]) -> int | None:
+    """Whole passes over the training rows that the job's steps make (at least 1). ``job_create`` makes
+    ceil(n_epochs x rows / batch_size) steps, a little over n_epochs passes (``dataset_stats.epochs``, e.g.
+    1.067, on ``GET /jobs/{id}``): its whole part is the n_epochs asked (or auto's 3) whenever batch_size is
+    at most the rows and the step cap was not reached."""
+    train = stats.get("train_rows")
+    if not train:
+        return None
+    return max(1, hp["max_steps"] * hp["batch_size"] * hp["gradient_accumulation_steps"] // train)
+
+
+def training_file(dataset: dict[str, Any]) -> str:
+    """The job's training file: the file id, or for a job made by ``POST /jobs``, ``hf:<name>`` or ``inline``."""
+    if dataset.get("id"):
+        return str(dataset["id"])
+    hub = dataset.get("hub")
+    return f"hf:{hub['name']}" if isinstance(hub, dict) and hub.get("name") else "inline"
+
+
 def fine_tuning_job(job: dict[str, Any], trained_tokens: Callable[[str], int | None]) -> dict[str, Any]:
     """A job record as OpenAI's fine-tuning job; ``trained_tokens(job id)`` is asked once it has started."""
     req, status = job["request"], job["status"]
     hp, stats = req["hyperparameters"], job.get("dataset_stats") or {}
-    epochs = stats.get("epochs")
-    hyper = {"n_epochs": int(epochs) if epochs is not None and float(epochs).is_integer() else epochs,
+    hyper = {"n_epochs": whole_epochs(hp, stats),
              "batch_size": hp["batch_size"] * hp["gradient_accumulation_steps"],
              "learning_rate_multiplier": round(hp["learning_rate"] / BASE_LEARNING_RATE, 6)}
     eta = (job.get("progress") or {}).get("eta_seconds")
@@ -96,7 +112,7 @@ def fine_tuning_job(job: dict[str, Any], trained_tokens: Callable[[str], int | N
         "trained_tokens": trained_tokens(job["id"]) if status != "queued" else None,
         "error": {"code": err["code"], "message": err["message"], "param": None} if err else None,
         "hyperparameters": hyper, "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        "seed": hp.get("seed"), "training_file": req["dataset"].get("id"),
+        "seed": int(hp.get("seed") or 0), "training_file": training_file(req["dataset"]),
         "validation_file": ((req.get("validation") or {}).get("dataset") or {}).get("id"),
         "metadata": req.get("metadata") or None,
     }
@@ -124,20 +140,3 @@ def fine_tuning_event(ev: dict[str, Any]) -> dict[str, Any]:
     return {"id": f"ftevent-{ev['id']}", "created_at": int(ev["time"]), "message": message, "data": data,
             "level": "error" if kind == "failed" else "warn" if kind.startswith("cancel") else "info",
             "type": "metrics" if kind in ("step", "eval") else "message"}
-
-
-def render_chat(messages: list[ChatMessageIn]) -> str:
-    """Gemma's chat format (what its tokenizer's template makes, without ``<bos>``, which the
-    tokenizer adds): system and developer text goes before the first user turn."""
-    system = "\n\n".join(m.text.strip() for m in messages if m.role in ("system", "developer"))
-    turns = [("model" if m.role == "assistant" else "user", m.text.strip())
-             for m in messages if m.role in ("user", "assistant")]
-    if system:
-        turns = [("user", f"{system}\n\n{turns[0][1]}"), *turns[1:]] if turns and turns[0][0] == "user" else [
-            ("user", system), *turns]
-    return "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns) + "<start_of_turn>model\n"
-
-
-def usage(outputs: list[dict[str, Any]]) -> dict[str, int]:
-    tokens = sum(o["tokens"] for o in outputs)
-    return {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}

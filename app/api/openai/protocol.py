@@ -1,7 +1,9 @@
-"""Request and response bodies of the OpenAI-compatible routes (``/v1``), with the bounds ftaas enforces.
+"""Request and response bodies of the OpenAI-compatible fine-tuning, file and model routes (``/v1``), with the
+bounds ftaas enforces; the completion requests are in app/api/openai/params.py.
 
 Requests are strict: a field the official client sends but ftaas cannot honour is rejected with a
-400 naming it, rather than silently ignored (``user`` is the exception: it is only a label).
+400 naming it, rather than silently ignored (``integrations`` is the exception: it names a tracker ftaas
+does not report to, and training is the same without it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from app.api.schemas import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPTS, DatasetId, Key, MetaValue
+from app.api.schemas import Key, MetaValue
 
 #: The learning rate a ``learning_rate_multiplier`` of 1 means (ftaas's and the notebook's default).
 BASE_LEARNING_RATE = 2e-4
@@ -19,8 +21,9 @@ AUTO_EPOCHS = 3
 ORGANIZATION_ID = "org-ftaas"
 
 Auto = Literal["auto"]
-StopStr = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+#: A file or job id as given: checked against ftaas's id format by the route, so a bad one is a 404
+#: "No such file" as OpenAI answers, not a pattern error.
+GivenId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 class Strict(BaseModel):
@@ -56,17 +59,26 @@ class FtMethod(Strict):
     supervised: SupervisedMethod | None = None
 
 
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["wandb"]
+    wandb: dict[str, Any]
+
+
 class FineTuningJobCreate(Strict):
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
         description="A base model ftaas knows (GET /v1/models).")
-    training_file: DatasetId = Field(description="A file id from POST /v1/files.")
-    validation_file: DatasetId | None = Field(None, description="A second file, for eval loss.")
+    training_file: GivenId = Field(description="A file id from POST /v1/files.")
+    validation_file: GivenId | None = Field(None, description="A second file, for eval loss.")
     hyperparameters: FtHyperparameters | None = None
     method: FtMethod | None = None
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = Field(
         None, description="Part of the fine-tuned model's name: ft:<model>:<suffix>:<job id>.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[Key, MetaValue] | None = Field(None, max_length=16)
+    integrations: list[Integration] | None = Field(
+        None, max_length=16, description="Accepted and ignored: ftaas reports to no tracker (the job's events "
+        "and GET /jobs/{id}/metrics have the figures).")
 
     @property
     def hp(self) -> FtHyperparameters:
@@ -82,7 +94,7 @@ class FtError(BaseModel):
 
 
 class FtHyperparametersOut(BaseModel):
-    n_epochs: int | float | None = None
+    n_epochs: int | None = Field(None, description="Whole passes over the training rows that the job's steps make.")
     batch_size: int | None = None
     learning_rate_multiplier: float | None = None
 
@@ -102,8 +114,8 @@ class FineTuningJob(BaseModel):
     method: dict[str, Any] | None = None
     organization_id: str = ORGANIZATION_ID
     result_files: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    training_file: str | None = None
+    seed: int
+    training_file: str = Field(description="The file id; a job made by POST /jobs: `inline` or `hf:<name>`.")
     validation_file: str | None = None
     metadata: dict[str, str] | None = None
     integrations: list[Any] | None = None
@@ -113,6 +125,15 @@ class FineTuningJobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FineTuningJob]
     has_more: bool
+
+
+class CheckpointList(BaseModel):
+    """Empty until ftaas keeps a fine-tuning job's intermediate checkpoints as models."""
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]] = Field(default_factory=list)
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class FineTuningJobEvent(BaseModel):
@@ -167,56 +188,3 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
-
-
-# -- completions ------------------------------------------------------------------------------------
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class _Sampling(Strict):
-    model: Annotated[str, StringConstraints(min_length=1, max_length=300)]
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy decoding; default 1.")
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="One choice per prompt.")
-    stop: StopStr | list[StopStr] | None = Field(None, description="Up to 4 strings.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: Annotated[str, StringConstraints(max_length=256)] | None = Field(None, description="Ignored.")
-
-    @property
-    def stop_list(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise ValueError("stop: up to 4 strings")
-        return stop
-
-
-class CompletionCreate(_Sampling):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
-    echo: Literal[False] = False
-
-
-class ContentPart(Strict):
-    type: Literal["text"]
-    text: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, tool_call_id and the like carry nothing ftaas uses
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | Annotated[
-        list[ContentPart], Field(max_length=16)]
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatCompletionCreate(_Sampling):
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=64)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)

@@ -5,39 +5,46 @@ files are uploaded datasets (the file id is the ``ds_…`` id), fine-tuning jobs
 ``submit_job`` (the job id is the ``job_…`` id), and completions are the generate task. So ``/jobs`` and
 ``/v1/fine_tuning/jobs`` list the same jobs. Errors on these routes come in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}`` (422 becomes 400, as OpenAI answers), rendered by
-app/api/errors.py from the same error as the ftaas envelope. The mappings are in app/api/openai/mapping.py.
+app/api/errors.py from the same error as the ftaas envelope; an id that names nothing (or is not an ftaas id
+at all) is "No such file" / "No such fine-tuning job", as OpenAI words it. The mappings are in
+app/api/openai/mapping.py (jobs, files, models), completions.py and streaming.py (completions).
 """
 
 from __future__ import annotations
 
-import json
+import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Query, Request, Response
-from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute, APIRouter
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.api.auth import Caller
 from app.api.deps import Config, Datasets, Generations, Store
 from app.api.errors import ApiError, as_api_error, error_response
+from app.api.openai.completions import (
+    CHAT_PARAMS,
+    COMPLETION_PARAMS,
+    chat_choices,
+    completion_choices,
+    native_request,
+    renamed,
+    render_chat,
+    usage,
+)
 from app.api.openai.mapping import (
-    build,
     file_object,
     fine_tuned_model,
     fine_tuning_event,
     fine_tuning_job,
     job_create,
     model_object,
-    render_chat,
-    usage,
 )
+from app.api.openai.params import ChatCompletionCreate, CompletionCreate
 from app.api.openai.protocol import (
-    ChatCompletionCreate,
-    CompletionCreate,
+    CheckpointList,
     FileDeleted,
     FileList,
     FileObject,
@@ -48,16 +55,20 @@ from app.api.openai.protocol import (
     Model,
     ModelList,
 )
-from app.api.schemas import DatasetId, ErrorEnvelope, GenerateRequest, JobId
+from app.api.openai.purpose import PurposeSniffer
+from app.api.openai.streaming import chat_stream, completion_stream
+from app.api.schemas import ErrorEnvelope
 from app.api.services.datasets import FILE_FIELD, delete_dataset, owned_dataset, rows_of, upload_dataset
-from app.api.services.generate import accept_generate, wait_generate
+from app.api.services.generate import accept_generate, stream_generate, wait_generate
 from app.api.services.jobs import cancel_job, owned_job, submit_job
 from app.core.apikeys import Principal
-from app.core.ids import is_job_id
+from app.core.ids import is_dataset_id, is_job_id
+from app.core.jobs import GenerateTask
 from app.core.settings import Settings
-from app.core.store import EVENTS_MAXLEN, GenerationStore, JobStore
+from app.core.store import EVENTS_MAXLEN, DatasetStore, JobStore
 
 _EVENT_ID = r"^ftevent-\d+-\d+$"
+_METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
 
 
 class OpenAIRoute(APIRoute):
@@ -70,7 +81,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                return error_response(as_api_error(request, exc), "openai")
+                return error_response(as_api_error(request, exc, "openai"), "openai")
 
         return route
 
@@ -78,57 +89,34 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
+def _no_file(file_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, "file_not_found", f"No such file: {file_id}", param)
+
+
+def _no_job(job_id: str) -> ApiError:
+    return ApiError(404, "fine_tuning_job_not_found", f"No such fine-tuning job: {job_id}")
+
+
+def _file(ds: DatasetStore, file_id: str, caller: Principal, param: str | None = None) -> dict[str, Any]:
+    """The caller's file (dataset), or OpenAI's 404 for an id that names none or is no ftaas id at all."""
+    if not is_dataset_id(file_id):
+        raise _no_file(file_id, param)
+    try:
+        return owned_dataset(ds, file_id, caller)
+    except ApiError as e:
+        raise _no_file(file_id, param) if e.status == 404 else e from None
+
+
+def _job(st: JobStore, job_id: str, caller: Principal) -> dict[str, Any]:
+    if not is_job_id(job_id):
+        raise _no_job(job_id)
+    try:
+        return owned_job(st, job_id, caller)
+    except ApiError as e:
+        raise _no_job(job_id) if e.status == 404 else e from None
+
+
 # -- files ------------------------------------------------------------------------------------------
-
-class _PurposeSniffer:
-    """Feeds the upload's body to a second multipart parser that keeps the ``purpose`` field as the chunks
-    pass by; a purpose other than ``fine-tune`` stops the upload as soon as it is read."""
-
-    def __init__(self, content_type: str) -> None:
-        self.purpose: str | None = None
-        self._name, self._value, self._hfield, self._hvalue = b"", b"", b"", b""
-        self._broken = False
-        _, options = parse_options_header(content_type)
-        self._parser = MultipartParser(options.get(b"boundary", b"-"), {  # type: ignore[arg-type]
-            "on_part_begin": self._begin, "on_header_field": self._hf, "on_header_value": self._hv,
-            "on_header_end": self._he, "on_part_data": self._data, "on_part_end": self._end})
-
-    def _begin(self) -> None:
-        self._name, self._value = b"", b""
-
-    def _hf(self, data: bytes, start: int, end: int) -> None:
-        self._hfield += data[start:end]
-
-    def _hv(self, data: bytes, start: int, end: int) -> None:
-        self._hvalue += data[start:end]
-
-    def _he(self) -> None:
-        if self._hfield.lower() == b"content-disposition":
-            self._name = parse_options_header(self._hvalue)[1].get(b"name", b"")
-        self._hfield, self._hvalue = b"", b""
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        if self._name == b"purpose" and len(self._value) < 100:
-            self._value += data[start:end]
-
-    def _end(self) -> None:
-        if self._name == b"purpose":
-            self.purpose = self._value.decode("utf-8", "replace").strip()
-            if self.purpose != "fine-tune":
-                raise ApiError(400, "invalid_purpose", f"purpose {self.purpose!r} is not offered; use 'fine-tune'",
-                               "purpose")
-
-    async def sniff(self, chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
-        async for chunk in chunks:
-            try:
-                if not self._broken:
-                    self._parser.write(chunk)
-            except ApiError:
-                raise
-            except Exception:  # a malformed body is the upload parser's to report
-                self._broken = True
-            yield chunk
-
 
 _FILE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [FILE_FIELD, "purpose"],
@@ -143,7 +131,7 @@ async def create_file(request: Request, cfg: Config, ds: Datasets, caller: Calle
     """Upload JSONL training data (multipart ``file``, ``purpose`` = ``fine-tune``): rows of chat
     ``messages`` or ``prompt``/``completion``. Stored as an ftaas dataset; the file id is its id."""
     content_type = request.headers.get("content-type", "")
-    sniffer = _PurposeSniffer(content_type)
+    sniffer = PurposeSniffer(content_type)
     meta = await upload_dataset(sniffer.sniff(request.stream()), content_type,
                                 request.headers.get("content-length", ""), cfg, ds, caller)
     columns = set(meta["columns"])
@@ -158,18 +146,21 @@ async def create_file(request: Request, cfg: Config, ds: Datasets, caller: Calle
 
 @router.get("/files", response_model=FileList)
 def list_files(ds: Datasets, caller: Caller, limit: int = Query(20, ge=1, le=100),
-               after: DatasetId | None = None) -> dict[str, Any]:
+               after: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+    if after is not None and not is_dataset_id(after):
+        raise _no_file(after, "after")
     items, has_more = ds.page(limit, after, caller.scope)
     return {"data": [file_object(m) for m in items], "has_more": has_more}
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
 def retrieve_file(file_id: str, ds: Datasets, caller: Caller) -> dict[str, Any]:
-    return file_object(owned_dataset(ds, file_id, caller))
+    return file_object(_file(ds, file_id, caller))
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, ds: Datasets, cfg: Config, caller: Caller) -> dict[str, Any]:
+    _file(ds, file_id, caller)
     delete_dataset(ds, cfg, file_id, caller)
     return {"id": file_id, "deleted": True}
 
@@ -187,28 +178,52 @@ def _ft_job(st: JobStore, job: dict[str, Any]) -> dict[str, Any]:
 @router.post("/fine_tuning/jobs", response_model=FineTuningJob)
 def create_fine_tuning_job(body: FineTuningJobCreate, st: Store, ds: Datasets, cfg: Config,
                            caller: Caller) -> dict[str, Any]:
-    """Create an ftaas job from the OpenAI body (checked and queued exactly as ``POST /jobs``)."""
+    """Create an ftaas job from the OpenAI body (checked and queued exactly as ``POST /jobs``).
+    ``integrations`` are accepted and ignored: ftaas reports to no tracker."""
+    _file(ds, body.training_file, caller, "training_file")
+    if body.validation_file is not None:
+        _file(ds, body.validation_file, caller, "validation_file")
     job = job_create(body, rows_of(ds, cfg, body.training_file, caller, "dataset.id"))
     return _ft_job(st, submit_job(job, caller, st, ds, cfg))
 
 
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """``metadata[key]=value`` query parameters (how the official client sends its ``metadata`` filter)."""
+    return {m.group(1): v for k, v in request.query_params.items() if (m := _METADATA_KEY.match(k))}
+
+
 @router.get("/fine_tuning/jobs", response_model=FineTuningJobList)
 def list_fine_tuning_jobs(
-    st: Store, caller: Caller, limit: int = Query(20, ge=1, le=100), after: JobId | None = None,
+    request: Request, st: Store, caller: Caller, limit: int = Query(20, ge=1, le=100),
+    after: str | None = Query(None, max_length=200),
 ) -> dict[str, Any]:
-    """Newest first; ``after`` is the last id of the previous page."""
-    jobs, has_more = st.page(limit, after, tenant=caller.scope)
-    return {"data": [_ft_job(st, j) for j in jobs], "has_more": has_more}
+    """Newest first; ``after`` is the last id of the previous page; ``metadata[key]=value`` keeps only the
+    jobs whose metadata holds every such pair."""
+    if after is not None and not is_job_id(after):
+        raise _no_job(after)
+    wanted = _metadata_filter(request)
+    if not wanted:
+        jobs, has_more = st.page(limit, after, tenant=caller.scope)
+        return {"data": [_ft_job(st, j) for j in jobs], "has_more": has_more}
+    found: list[dict[str, Any]] = []
+    more = True
+    while more and len(found) <= limit:
+        page, more = st.page(100, after, tenant=caller.scope)
+        found += [j for j in page if wanted.items() <= (j["request"].get("metadata") or {}).items()]
+        after = page[-1]["id"] if page else None
+        more = more and after is not None
+    return {"data": [_ft_job(st, j) for j in found[:limit]], "has_more": len(found) > limit}
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
 def retrieve_fine_tuning_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
-    return _ft_job(st, owned_job(st, job_id, caller))
+    return _ft_job(st, _job(st, job_id, caller))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
 def cancel_fine_tuning_job(job_id: str, st: Store, caller: Caller) -> dict[str, Any]:
     """Queued: ``cancelled`` at once. Running: still ``running`` until it stops at its next step."""
+    _job(st, job_id, caller)
     return _ft_job(st, cancel_job(st, job_id, caller))
 
 
@@ -218,7 +233,7 @@ def list_fine_tuning_events(
     after: str | None = Query(None, pattern=_EVENT_ID, description="The last event id of the previous page."),
 ) -> dict[str, Any]:
     """The job's ftaas event stream as OpenAI events, newest first (the last EVENTS_MAXLEN events)."""
-    owned_job(st, job_id, caller)
+    _job(st, job_id, caller)
     events = st.events(job_id, None, EVENTS_MAXLEN)[::-1]
     if after:
         stream_id = after.removeprefix("ftevent-")
@@ -228,6 +243,14 @@ def list_fine_tuning_events(
 
 def _older(a: str, b: str) -> bool:
     return tuple(map(int, a.split("-"))) < tuple(map(int, b.split("-")))
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+def list_fine_tuning_checkpoints(job_id: str, st: Store, caller: Caller, limit: int = Query(10, ge=1, le=100),
+                                 after: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+    """Empty for now: ftaas keeps a job's final adapter, not its intermediate checkpoints as models."""
+    _job(st, job_id, caller)
+    return {"data": [], "has_more": False}
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -267,70 +290,49 @@ def retrieve_model(model: str, st: Store, cfg: Config, caller: Caller) -> dict[s
 
 # -- completions ------------------------------------------------------------------------------------
 
-def _generate(st: JobStore, gens: GenerationStore, cfg: Settings, caller: Principal,
-              body: CompletionCreate | ChatCompletionCreate, prompts: list[str], max_tokens: int,
-              param: str) -> dict[str, Any]:
-    """Run the generate task exactly as ``POST /generate`` does. Temperature 0 is greedy decoding."""
-    t0 = time.monotonic()
+def _accept(st: JobStore, cfg: Settings, caller: Principal, body: CompletionCreate | ChatCompletionCreate,
+            prompts: list[str], max_tokens: int, params: dict[str, str]) -> GenerateTask:
+    """The generate task, accepted exactly as ``POST /generate`` accepts one; errors name OpenAI's fields."""
+    body.unsupported()
     adapter, base, _ = _resolve(st, cfg, body.model, caller)
-    temperature = 1.0 if body.temperature is None else body.temperature
     try:
-        stop = body.stop_list
-    except ValueError as e:
-        raise ApiError(400, "invalid_request", str(e), "stop") from None
-    req = build(GenerateRequest, param, prompts=prompts, adapter=adapter, base_model=None if adapter else base,
-                max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                top_p=body.top_p or 1.0, top_k=0, seed=body.seed, stop=stop)
-    return wait_generate(accept_generate(req, caller, st, cfg), gens, t0, cfg)
+        return accept_generate(native_request(body, prompts, max_tokens, adapter, base, params), caller, st, cfg)
+    except ApiError as e:
+        raise renamed(e, params) from None
 
 
-def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
-    def frames() -> Iterator[str]:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(frames(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _head(prefix: str, body: CompletionCreate | ChatCompletionCreate) -> dict[str, Any]:
+    return {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
 
 
 @router.post("/completions")
 def create_completion(body: CompletionCreate, st: Store, gens: Generations, cfg: Config, caller: Caller) -> Any:
-    """A text completion per prompt. ``stream``: the worker does not stream tokens yet, so the chunks
-    (one per prompt, then ``[DONE]``) are sent once the text is generated. ``prompt_tokens`` is 0:
-    prompts are tokenized on the worker and not counted."""
+    """``n`` text completions per prompt, indexed prompt-major. ``echo`` prepends the prompt (with
+    ``max_tokens: 0`` and ``logprobs``: the prompt's log probabilities only); ``stream``: a chunk per new
+    piece of text (app/api/openai/streaming.py)."""
+    t0 = time.monotonic()
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    max_tokens = body.max_tokens or min(16, cfg.max_new_tokens)
-    out = _generate(st, gens, cfg, caller, body, prompts, max_tokens, "prompt")["outputs"]
-    head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model}
-    choices = [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
-               for i, o in enumerate(out)]
-    if not body.stream:
-        return head | {"choices": choices, "usage": usage(out)}
-    chunks = [head | {"choices": [c]} for c in choices]
-    if body.stream_options and body.stream_options.include_usage:
-        chunks.append(head | {"choices": [], "usage": usage(out)})
-    return _sse(chunks)
+    max_tokens = min(16, cfg.max_new_tokens) if body.max_tokens is None else body.max_tokens
+    task = _accept(st, cfg, caller, body, prompts, max_tokens, COMPLETION_PARAMS)
+    head = _head("cmpl", body) | {"object": "text_completion"}
+    if body.stream:
+        return completion_stream(head, body, prompts, stream_generate(task, gens, t0, cfg))
+    out = wait_generate(task, gens, t0, cfg)["outputs"]
+    return head | {"choices": completion_choices(out, prompts, body), "usage": usage(out, body.choices_per_prompt)}
 
 
 @router.post("/chat/completions")
 def create_chat_completion(body: ChatCompletionCreate, st: Store, gens: Generations, cfg: Config,
                            caller: Caller) -> Any:
-    """The assistant's reply to the messages rendered in Gemma's chat format (``render_chat``).
-    ``stream``: the worker does not stream tokens yet, so the chunks (role, the whole text, the
-    finish reason, then ``[DONE]``) are sent once the text is generated."""
+    """``n`` replies of the assistant to the messages rendered in Gemma's chat format (``render_chat``);
+    ``stream``: the role, then a chunk per new piece of text, then the finish reason."""
+    t0 = time.monotonic()
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, cfg.max_new_tokens)
-    out = _generate(st, gens, cfg, caller, body, [render_chat(body.messages)], max_tokens, "messages")["outputs"][0]
-    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
-    if not body.stream:
-        message = {"role": "assistant", "content": out["text"], "refusal": None}
-        return head | {"object": "chat.completion", "usage": usage([out]), "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": out["finish_reason"]}]}
-    chunk = head | {"object": "chat.completion.chunk"}
-    deltas = [{"role": "assistant", "content": ""}, {"content": out["text"]}, {}]
-    chunks = [chunk | {"choices": [{"index": 0, "delta": d, "logprobs": None,
-                                    "finish_reason": out["finish_reason"] if not d else None}]} for d in deltas]
-    if body.stream_options and body.stream_options.include_usage:
-        chunks.append(chunk | {"choices": [], "usage": usage([out])})
-    return _sse(chunks)
+    params = CHAT_PARAMS | ({"max_new_tokens": "max_tokens"} if body.max_completion_tokens is None else {})
+    task = _accept(st, cfg, caller, body, [render_chat(body.messages)], max_tokens, params)
+    head = _head("chatcmpl", body)
+    if body.stream:
+        return chat_stream(head, body, stream_generate(task, gens, t0, cfg))
+    out = wait_generate(task, gens, t0, cfg)["outputs"]
+    return head | {"object": "chat.completion", "choices": chat_choices(out, body),
+                   "usage": usage(out, body.choices_per_prompt)}

@@ -98,8 +98,9 @@ def _error_frame(code: str, message: str) -> str:
 
 
 def stream_generate(task: GenerateTask, gens: GenerationStore, t0: float, cfg: Settings) -> Iterator[str]:
-    """Enqueue a streamed generate task; its events as SSE frames: ``token`` ({index, text}) as text is
-    generated, then ``done`` (the whole response, as the JSON answer would be) or ``error``."""
+    """Enqueue a streamed generate task; its events as SSE frames: ``token`` ({index, text}: the output's index,
+    ``i * n + j`` for prompt i's completion j) as text is generated, then ``done`` (the whole response, as the
+    JSON answer would be) or ``error``."""
     enqueue_generate(task.model_copy(update={"stream": True}))
     return _relay(gens, task.gen_id, t0, cfg.generate_timeout_s)
 

@@ -1,16 +1,15 @@
 /* ftaas dashboard: a hash-routed single page over the JSON API. Plain JS, no build step.
  *   #/                jobs table (polled every 2 s)
  *   #/jobs/<id>       one job: progress, live loss curve (EventSource on /jobs/<id>/events), details, cancel
- *   #/new             new-job form (upload a file or pick an uploaded dataset)
+ *   #/new             new-job form (newjob.js: upload a file or pick an uploaded dataset; the API's defaults)
  *   #/playground      one prompt, base model and adapter side by side (two POST /generate calls)
  */
 "use strict";
 (function () {
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-  const EVENT_TYPES = ["queued", "started", "dataset_stats", "step", "eval", "cancel_requested",
+  const EVENT_TYPES = ["queued", "started", "phase", "dataset_stats", "step", "eval", "cancel_requested",
     "adapter_saved", "succeeded", "failed", "cancelled"];
-  const BASE_MODELS = ["tiny-gemma", "gemma-3-270m", "google/gemma-2b"];
-  const DEFAULT_TEMPLATE = "Quote: {quote}\nAuthor: {author}";
+  const Fmt = window.Fmt;
   const view = document.getElementById("view");
 
   // -- helpers --------------------------------------------------------------------------------------
@@ -135,22 +134,30 @@
     return h("div", { class: "bar" + (big ? " big" : ""), role: "progressbar", "aria-valuenow": pct.toFixed(0),
       "aria-valuemin": 0, "aria-valuemax": 100 }, h("span", { style: `width:${pct}%` }));
   }
-  function num(v, digits) {
-    if (v === null || v === undefined) return "–";
-    if (typeof v !== "number") return String(v);
-    if (Number.isInteger(v)) return v.toLocaleString();
-    return Math.abs(v) < 0.01 ? v.toExponential(2) : v.toFixed(digits === undefined ? 4 : digits);
-  }
+  const num = Fmt.sig;  // 4 significant digits; integers (ids, seeds) without thousands separators
   function when(ts) { return ts ? new Date(ts * 1000).toLocaleString() : "–"; }
-  function secs(s) {
-    if (s === null || s === undefined) return "–";
-    if (s < 90) return Math.round(s) + " s";
-    return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+  function secs(s) { return s === null || s === undefined ? "–" : Fmt.duration(s); }
+
+  /** The base models the API reports (GET /v1/models, less the fine-tuned ``ft:`` ones). */
+  let baseModelsCache = null;
+  function baseModels() {
+    if (!baseModelsCache) {
+      baseModelsCache = api("GET", "/v1/models").then((r) => r.data.map((m) => m.id).filter((id) => !id.startsWith("ft:")))
+        .catch((e) => { baseModelsCache = null; throw e; });
+    }
+    return baseModelsCache;
+  }
+  /** Fill a <datalist> (and a hint element) with the API's base models. */
+  function showBaseModels(datalist, hint, onError) {
+    baseModels().then((names) => {
+      datalist.replaceChildren(...names.map((m) => h("option", { value: m })));
+      if (hint) { hint.textContent = names.join(", "); hint.setAttribute("data-loaded", "true"); }
+    }).catch(onError);
   }
   function kvTable(obj, testid, empty) {
     const rows = Object.entries(obj || {}).filter(([, v]) => v !== null && v !== undefined).map(([k, v]) =>
       h("tr", {}, h("th", {}, k), h("td", { class: "mono" },
-        typeof v === "object" ? JSON.stringify(v) : typeof v === "number" ? num(v) : String(v))));
+        typeof v === "object" ? Fmt.json(v) : typeof v === "number" ? num(v) : String(v))));
     return rows.length ? h("table", { class: "kv", "data-testid": testid }, h("tbody", {}, rows))
       : h("p", { class: "muted", "data-testid": testid }, empty || "none yet");
   }
@@ -183,7 +190,8 @@
           h("td", {}, j.name || ""),
           h("td", { class: "mono" }, j.request.base_model),
           h("td", {}, badge(j.status)),
-          h("td", {}, bar(j.progress.fraction), h("small", { class: "muted" }, `${j.progress.step} / ${j.progress.total_steps}`)),
+          h("td", {}, bar(j.progress.fraction), h("small", { class: "muted" },
+            (!TERMINAL.has(j.status) && Fmt.phaseText(j.progress)) || `${j.progress.step} / ${j.progress.total_steps}`)),
           h("td", { class: "mono" }, num(j.metrics && j.metrics.loss)),
           h("td", {}, when(j.created_at)))));
         if (!page.data.length) tbody.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted" },
@@ -243,13 +251,20 @@
         job.status === "succeeded" ? h("a", { href: "#/playground?adapter=" + job.id }, h("button", { type: "button", class: "secondary" }, "Try in playground")) : "",
         cancelBtn || "");
       const p = job.progress, m = job.metrics || {};
+      // a record with phases says what the job is doing; an older one only its step count
+      const phase = running ? Fmt.phaseText(p) : null;
+      const steps = `step ${p.step} / ${p.total_steps} (${Math.round((p.fraction || 0) * 100)}%)`;
+      const pp = p.phase_progress;
       const progress = card("Progress",
         bar(p.fraction, true),
-        h("p", { "data-testid": "progress-text" },
-          `step ${p.step} / ${p.total_steps} (${Math.round((p.fraction || 0) * 100)}%)`,
-          running && p.eta_seconds !== null && p.eta_seconds !== undefined ? ` · ETA ${secs(p.eta_seconds)}` : "",
+        h("p", { "data-testid": "progress-text", "data-phase": running && p.phase ? p.phase : null },
+          h("span", { "data-testid": "phase" }, phase || steps),
+          phase && p.phase !== "training" && p.step ? ` · ${steps}` : "",
+          phase ? h("span", { "data-testid": "eta" }, ` · ETA ${Fmt.eta(p.eta_seconds)}`)
+            : running && p.eta_seconds !== null && p.eta_seconds !== undefined ? ` · ETA ${secs(p.eta_seconds)}` : "",
           m.loss !== null && m.loss !== undefined ? ` · loss ${num(m.loss)}` : "",
           m.learning_rate ? ` · lr ${num(m.learning_rate)}` : ""),
+        phase && pp && pp.total ? bar(pp.done / pp.total) : null,
         h("small", { class: "muted" }, `created ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)}`,
           job.adapter ? ` · adapter ${job.adapter}` : ""));
       const failure = job.error ? h("div", { class: "error", role: "alert", "data-testid": "job-error" },
@@ -270,8 +285,8 @@
             h("td", { class: "mono" }, s.before), h("td", { class: "mono" }, s.after === null ? "–" : s.after))))) : null,
       ] : h("p", { class: "muted" }, running ? "measured before and after training" : "none"));
       const log = card("Activity", activity.length ? h("table", {}, h("tbody", {}, activity.slice(-12).reverse().map((e) =>
-        h("tr", {}, h("td", {}, new Date(e.time * 1000).toLocaleTimeString()), h("td", {}, e.type),
-          h("td", { class: "mono" }, JSON.stringify(e.data).slice(0, 160))))))
+        h("tr", {}, h("td", { class: "nowrap" }, new Date(e.time * 1000).toLocaleTimeString()), h("td", { class: "nowrap" }, e.type),
+          h("td", { "data-testid": "event-line" }, Fmt.eventLine(e).slice(0, 240))))))
         : h("p", { class: "muted" }, "no events"));
       body.replaceChildren(failure || "", progress, chartCard,
         h("div", { class: "grid" }, card("Hyperparameters", kvTable(hp, "hyperparameters")),
@@ -307,10 +322,21 @@
       try { e = JSON.parse(msg.data); } catch (_) { return; }
       if (activity.some((a) => a.id === e.id)) return;
       activity.push(e);
-      if (e.type === "step" || e.type === "eval") {
+      if (e.type === "phase") {
+        if (job && e.data && e.data.phase) {
+          job.progress.phase = e.data.phase;
+          job.progress.phase_progress = typeof e.data.done === "number" && typeof e.data.total === "number"
+            ? { done: e.data.done, total: e.data.total } : null;
+          if ("eta_seconds" in e.data) job.progress.eta_seconds = e.data.eta_seconds;
+          render();
+        }
+        scheduleJob();
+      } else if (e.type === "step" || e.type === "eval") {
         addPoint(e.data);
         if (job && e.type === "step") {
+          if (job.progress.phase) { job.progress.phase = "training"; job.progress.phase_progress = null; }
           job.progress.step = e.data.step;
+          if ("eta_seconds" in e.data) job.progress.eta_seconds = e.data.eta_seconds;
           job.progress.total_steps = e.data.total_steps || job.progress.total_steps;
           job.progress.fraction = job.progress.total_steps ? e.data.step / job.progress.total_steps : 0;
           if (e.data.loss !== undefined) job.metrics.loss = e.data.loss;
@@ -334,21 +360,22 @@
 
     (async () => {
       await loadJob(true);
-      if (!alive || !job || TERMINAL.has(job.status)) {
-        // a finished job: its event log once, for the activity list
-        if (alive && job) {
-          try {
-            const page = await api("GET", `/jobs/${jobId}/events?limit=1000`);
-            page.data.forEach((e) => activity.push(e));
-            render();
-          } catch (_) { /* the page still shows the job */ }
-        }
-        return;
-      }
+      if (!alive || !job) return;
+      // the event log so far, once, for the activity list; the live stream then starts after it, so old
+      // phases and steps are not replayed over the record's current progress
+      let last = null;
+      try {
+        const page = await api("GET", `/jobs/${jobId}/events?limit=1000`);
+        page.data.forEach((e) => { if (!activity.some((a) => a.id === e.id)) activity.push(e); });
+        if (page.data.length && !page.has_more) last = page.data[page.data.length - 1].id;
+        render();
+      } catch (_) { /* the page still shows the job */ }
+      if (!alive || TERMINAL.has(job.status)) return;
+      const stream = `/jobs/${jobId}/events` + (last ? "?after=" + encodeURIComponent(last) : "");
       if (apiKey()) {  // EventSource cannot send the key: read the stream with fetch
-        es = keyedEventStream(`/jobs/${jobId}/events`, (f) => { if (EVENT_TYPES.includes(f.type)) onEvent(f); });
+        es = keyedEventStream(stream, (f) => { if (EVENT_TYPES.includes(f.type)) onEvent(f); });
       } else {
-        es = new EventSource(`/jobs/${jobId}/events`);
+        es = new EventSource(stream);
         EVENT_TYPES.forEach((t) => es.addEventListener(t, onEvent));
         es.onerror = () => { if (job && TERMINAL.has(job.status) && es) { es.close(); es = null; } };
       }
@@ -360,125 +387,7 @@
 
   // -- new job form ---------------------------------------------------------------------------------
   function newJobPage() {
-    const err = errorBox();
-    const status = h("div", { class: "notice", hidden: true, "data-testid": "form-status" });
-    const modeUpload = h("input", { type: "radio", name: "source", value: "upload", checked: true, id: "src-upload" });
-    const modePick = h("input", { type: "radio", name: "source", value: "pick", id: "src-pick" });
-    const file = h("input", { type: "file", name: "file", accept: ".jsonl,.json,.csv,.parquet", "data-testid": "file" });
-    const dsSelect = h("select", { name: "dataset", "data-testid": "dataset-select" }, h("option", { value: "" }, "loading…"));
-    const dsInfo = h("small", { class: "muted" });
-    const baseModel = h("input", { type: "text", name: "base_model", list: "base-models", placeholder: "server default", "data-testid": "base-model" });
-    const maxSteps = h("input", { type: "number", name: "max_steps", min: 1, max: 10000, value: "20", "data-testid": "max-steps" });
-    const template = h("textarea", { name: "template", placeholder: DEFAULT_TEMPLATE + "   (the default; leave empty for other formats)", "data-testid": "template" });
-    const format = h("select", { name: "format" }, ["auto", "template", "text", "prompt_completion", "messages"].map((f) => h("option", { value: f }, f)));
-    const name = h("input", { type: "text", name: "name", maxlength: 200, placeholder: "optional label" });
-    const numField = (n, ph, step) => h("input", { type: "number", name: n, placeholder: ph, step: step || "1", "data-testid": "hp-" + n });
-    const batchSize = numField("batch_size", "1"), accum = numField("gradient_accumulation_steps", "4"),
-      lr = numField("learning_rate", "0.0002", "any"), maxLen = numField("max_length", "1024"),
-      evalInterval = numField("eval_interval", "max_steps / 5");
-    const ckpt = h("input", { type: "checkbox", name: "gradient_checkpointing", checked: true, "data-testid": "hp-gradient_checkpointing" });
-    const extra = h("textarea", { name: "advanced", placeholder: '{"warmup_steps": 2, "lora": {"r": 8}}', "data-testid": "advanced-json" });
-    const submit = h("button", { type: "submit", "data-testid": "submit" }, "Create job");
-    const row = (label, input, hint) => h("div", { class: "row" }, h("label", {}, label), input, hint ? h("small", { class: "muted" }, hint) : null);
-
-    function syncMode() {
-      file.disabled = !modeUpload.checked;
-      dsSelect.disabled = !modePick.checked;
-    }
-    modeUpload.addEventListener("change", syncMode);
-    modePick.addEventListener("change", syncMode);
-
-    let datasets = [];
-    async function loadDatasets(selectId) {
-      try {
-        const page = await api("GET", "/datasets?limit=100");
-        datasets = page.data;
-        dsSelect.replaceChildren(...(datasets.length ? [] : [h("option", { value: "" }, "no uploaded datasets")]),
-          ...datasets.map((d) => h("option", { value: d.id, selected: d.id === selectId },
-            `${d.filename || d.id} · ${d.row_count} rows · ${d.id}`)));
-        describe();
-      } catch (e) { showError(err, e); }
-    }
-    function describe() {
-      const d = datasets.find((x) => x.id === dsSelect.value);
-      dsInfo.textContent = d ? `columns: ${d.columns.join(", ")} · format ${d.format} · uploaded ${when(d.created_at)}` : "";
-    }
-    dsSelect.addEventListener("change", describe);
-
-    function hyperparameters() {
-      const hp = {};
-      const steps = parseInt(maxSteps.value, 10);
-      if (!Number.isNaN(steps)) hp.max_steps = steps;
-      for (const [k, input, parse] of [["batch_size", batchSize, parseInt], ["gradient_accumulation_steps", accum, parseInt],
-        ["learning_rate", lr, parseFloat], ["max_length", maxLen, parseInt], ["eval_interval", evalInterval, parseInt]]) {
-        if (input.value.trim() !== "") hp[k] = parse(input.value, 10);
-      }
-      hp.gradient_checkpointing = ckpt.checked;
-      if (extra.value.trim()) {
-        let more;
-        try { more = JSON.parse(extra.value); } catch (e) { throw new Error("Advanced hyperparameters: not valid JSON (" + e.message + ")"); }
-        if (!more || typeof more !== "object" || Array.isArray(more)) throw new Error("Advanced hyperparameters: give a JSON object");
-        Object.assign(hp, more);
-      }
-      return hp;
-    }
-
-    async function onSubmit(ev) {
-      ev.preventDefault();
-      showError(err, null);
-      submit.disabled = true;
-      try {
-        const hp = hyperparameters();
-        let datasetId;
-        if (modeUpload.checked) {
-          if (!file.files.length) throw new Error("Choose a file to upload, or pick an uploaded dataset.");
-          status.hidden = false; status.textContent = "Uploading " + file.files[0].name + "…";
-          const fd = new FormData();
-          fd.append("file", file.files[0]);
-          const ds = await api("POST", "/datasets", fd);
-          datasetId = ds.id;
-          // uploaded once: if creating the job fails, the form now points at the stored copy
-          modePick.checked = true; syncMode();
-          await loadDatasets(ds.id);
-          status.textContent = `Uploaded ${ds.row_count} rows as ${ds.id}. Creating the job…`;
-        } else {
-          datasetId = dsSelect.value;
-          if (!datasetId) throw new Error("Pick an uploaded dataset, or upload a file.");
-          status.hidden = false; status.textContent = "Creating the job…";
-        }
-        const body = { dataset: { id: datasetId }, hyperparameters: hp, format: format.value };
-        if (baseModel.value.trim()) body.base_model = baseModel.value.trim();
-        if (template.value.trim()) body.template = template.value;
-        if (name.value.trim()) body.name = name.value.trim();
-        const job = await api("POST", "/jobs", body);
-        location.hash = "#/jobs/" + job.id;
-      } catch (e) {
-        status.hidden = true;
-        showError(err, e);
-      } finally {
-        submit.disabled = false;
-      }
-    }
-
-    view.replaceChildren(h("h1", {}, "New fine-tuning job"), err, status,
-      h("form", { class: "card", onsubmit: onSubmit, "data-testid": "new-job-form" },
-        h("div", { class: "row" }, h("label", {}, "Dataset"),
-          h("div", { class: "inline" }, h("label", { class: "plain", for: "src-upload" }, modeUpload, " upload a file (.jsonl, .json, .csv, .parquet)"),
-            h("label", { class: "plain", for: "src-pick" }, modePick, " use an uploaded dataset"))),
-        h("div", { class: "inline" }, row("File", file), row("Uploaded dataset", dsSelect, null)),
-        dsInfo,
-        h("datalist", { id: "base-models" }, BASE_MODELS.map((m) => h("option", { value: m }))),
-        h("div", { class: "inline" }, row("Base model", baseModel, BASE_MODELS.join(", ")), row("Max steps", maxSteps), row("Name", name)),
-        h("div", { class: "inline" }, row("Template", template, "str.format over the row's columns"), row("Format", format)),
-        h("details", {}, h("summary", {}, "Advanced hyperparameters"),
-          h("div", { class: "inline" }, row("batch_size", batchSize), row("gradient_accumulation_steps", accum),
-            row("learning_rate", lr), row("max_length", maxLen), row("eval_interval", evalInterval)),
-          h("div", { class: "row" }, h("label", { class: "plain" }, ckpt, " gradient_checkpointing")),
-          row("More hyperparameters (JSON, merged)", extra)),
-        submit));
-    syncMode();
-    loadDatasets();
-    return () => {};
+    return window.NewJob.page(view, { h, api, showError, errorBox, when, showBaseModels });
   }
 
   // -- playground -----------------------------------------------------------------------------------
@@ -490,6 +399,8 @@
     const baseModel = h("input", { type: "text", name: "base_model", list: "pg-base-models", placeholder: "server default", "data-testid": "pg-base-model" });
     const maxNew = h("input", { type: "number", name: "max_new_tokens", min: 1, max: 1024, value: "32", "data-testid": "max-new-tokens" });
     const button = h("button", { type: "submit", "data-testid": "generate" }, "Generate");
+    const pgBaseList = h("datalist", { id: "pg-base-models" });
+    showBaseModels(pgBaseList, null, (e) => showError(err, e));
     const panes = {};
     const paneCard = (key, title) => {
       const label = h("h2", {}, title);
@@ -563,7 +474,7 @@
     view.replaceChildren(h("h1", {}, "Playground"), err,
       h("form", { class: "card", onsubmit: onSubmit, "data-testid": "playground-form" },
         h("div", { class: "row" }, h("label", {}, "Prompt"), prompt),
-        h("datalist", { id: "pg-base-models" }, BASE_MODELS.map((m) => h("option", { value: m }))),
+        pgBaseList,
         h("div", { class: "inline" },
           h("div", { class: "row" }, h("label", {}, "Adapter"), adapter),
           h("div", { class: "row" }, h("label", {}, "Base model (without adapter)"), baseModel),

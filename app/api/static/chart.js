@@ -11,6 +11,25 @@
     return node;
   }
 
+  /** A round step near ``raw``: 1, 2 or 5 x 10^k. */
+  function niceStep(raw) {
+    const k = Math.pow(10, Math.floor(Math.log10(raw)));
+    const f = raw / k;
+    return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * k;
+  }
+
+  /** Evenly spaced round ticks covering [lo, hi]: about ``n`` steps of 1/2/5 x 10^k, from a multiple of the step. */
+  function niceTicks(lo, hi, n) {
+    let span = hi - lo;
+    if (!(span > 0)) { const pad = Math.abs(hi) * 0.1 || 1; lo -= pad; hi += pad; span = hi - lo; }
+    const step = niceStep(span / n);
+    const start = Math.floor(lo / step + 1e-9), end = Math.ceil(hi / step - 1e-9);
+    const out = [];
+    // multiples of the step, rounded so 0.1 * 3 reads 0.3
+    for (let i = start; i <= end; i++) out.push(Number((i * step).toPrecision(12)));
+    return out;
+  }
+
   /** Draw ``series`` ([{name, cls, points: [[x, y], …]}]) into ``container`` (replacing what was there). */
   function render(container, series, opts) {
     opts = opts || {};
@@ -26,20 +45,20 @@
     if (opts.xmax && opts.xmax > x1) x1 = opts.xmax;
     if (opts.xmin !== undefined && opts.xmin < x0) x0 = opts.xmin;
     if (x1 === x0) x1 = x0 + 1;
-    let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
-    const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.1 || 1;
-    y0 -= pad; y1 += pad;
+    const lo = Math.min(...all.map((p) => p[1])), hi = Math.max(...all.map((p) => p[1]));
+    const yt = niceTicks(lo, hi, 5);
+    const y0 = yt[0], y1 = yt[yt.length - 1];
     const sx = (x) => M.left + ((x - x0) / (x1 - x0)) * iw;
     const sy = (y) => M.top + (1 - (y - y0) / (y1 - y0)) * ih;
 
-    const ticks = 4;
-    // enough decimals that neighbouring labels differ
-    const decimals = Math.max(0, Math.min(6, Math.ceil(-Math.log10((y1 - y0) / ticks)) + 1));
-    for (let i = 0; i <= ticks; i++) {
-      const y = y0 + ((y1 - y0) * i) / ticks, py = sy(y);
+    const step = yt.length > 1 ? yt[1] - yt[0] : 1;
+    const decimals = Math.max(0, Math.min(10, -Math.floor(Math.log10(step) + 1e-9)));
+    for (const y of yt) {
+      const py = sy(y);
       svg.appendChild(el("line", { class: "gridline", x1: M.left, x2: W - M.right, y1: py, y2: py }));
-      svg.appendChild(el("text", { x: M.left - 6, y: py + 4, "text-anchor": "end" }, y.toFixed(decimals)));
+      svg.appendChild(el("text", { class: "ytick", x: M.left - 6, y: py + 4, "text-anchor": "end" }, y.toFixed(decimals)));
     }
+    const ticks = 4;
     const xt = Math.min(ticks, x1 - x0);
     for (let i = 0; i <= xt; i++) {
       const x = x0 + ((x1 - x0) * i) / xt;
@@ -68,5 +87,5 @@
     return drawn;
   }
 
-  window.LossChart = { render };
+  window.LossChart = { render, niceTicks };
 })();

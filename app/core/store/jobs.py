@@ -158,7 +158,8 @@ class JobStore(TenantQuotas, OpsCounters):
                total_steps: int, dataset_stats: dict[str, Any] | None = None, tenant: str | None = None) -> None:
         """Write the record (status ``queued``) and its first event before its task is enqueued."""
         now = time.time()
-        progress = {"step": 0, "total_steps": total_steps, "fraction": 0.0, "eta_seconds": None}
+        progress = {"step": 0, "total_steps": total_steps, "fraction": 0.0, "eta_seconds": None, "phase": "queued",
+                    "phase_progress": None}
         record: dict[str, Any] = {"status": "queued", "created_at": now, "name": payload.get("name") or "",
                   "request": json.dumps(public_request), "progress": json.dumps(progress)}
         if dataset_stats:
@@ -215,18 +216,27 @@ class JobStore(TenantQuotas, OpsCounters):
         return self.transition(job_id, "failed", error={"code": code, "message": message})[0]
 
     def report_progress(self, job_id: str, step: int, total_steps: int, eta_seconds: float | None,
-                        metrics: dict[str, float], point: dict[str, Any] | None = None) -> bool:
+                        metrics: dict[str, float], point: dict[str, Any] | None = None,
+                        phase: dict[str, Any] | None = None) -> bool:
         """Record progress, the latest metrics and a point of the metric series, with a ``step`` event.
+        ``phase``: the phase fields of the progress object (``phase``, ``phase_progress``), when known.
 
         Ignored unless the job is running.
         """
         progress = {"step": step, "total_steps": total_steps,
-                    "fraction": round(min(step / total_steps, 1.0), 4), "eta_seconds": eta_seconds}
+                    "fraction": round(min(step / total_steps, 1.0), 4), "eta_seconds": eta_seconds, **(phase or {})}
         fields: dict[str, Any] = {"progress": progress}
         if metrics:
             fields["metrics"] = metrics
-        event = ("step", {"step": step, "total_steps": total_steps, **(point or metrics)})
+        event = ("step", {"step": step, "total_steps": total_steps, "eta_seconds": eta_seconds, **(point or metrics)})
         return self._apply(job_id, ("running",), "", fields, event, point)[0]
+
+    def report_phase(self, job_id: str, progress: dict[str, Any]) -> bool:
+        """Record the job's progress object as its phase changes or advances (worker/train/phases.py), with a
+        ``phase`` event: {phase, done, total, eta_seconds}. Ignored unless the job is running."""
+        within = progress.get("phase_progress") or {}
+        data = {"phase": progress.get("phase"), **within, "eta_seconds": progress.get("eta_seconds")}
+        return self._apply(job_id, ("running",), "", {"progress": progress}, ("phase", data))[0]
 
     def request_cancel(self, job_id: str) -> tuple[bool, str | None]:
         """Cancel: a queued job ends at once; a running one is flagged and stops at its next step.
@@ -336,10 +346,13 @@ def _record(job_id: str, raw: dict[str, str]) -> dict[str, Any]:
     def obj(k: str) -> Any:
         return json.loads(raw[k]) if raw.get(k) else None
 
+    progress = obj("progress")
+    if progress is not None and raw["status"] == "queued":  # also a job requeued after a worker was lost
+        progress |= {"phase": "queued", "phase_progress": None, "eta_seconds": None}
     return {
         "id": job_id, "name": raw.get("name") or None, "status": raw["status"],
         "created_at": num("created_at"), "started_at": num("started_at"), "finished_at": num("finished_at"),
-        "progress": obj("progress"), "metrics": obj("metrics") or {}, "request": obj("request"),
+        "progress": progress, "metrics": obj("metrics") or {}, "request": obj("request"),
         "error": obj("error"), "adapter": raw.get("adapter") or None,
         "cancel_requested": raw.get("cancel_requested") == "1", "attempts": int(raw.get("attempts") or 0),
         "dataset_stats": obj("dataset_stats"), "evaluation": obj("evaluation"),
