@@ -98,12 +98,16 @@ def store(redis_url: str, unit_prefix: str) -> JobStore:
     return JobStore.from_url(redis_url, unit_prefix)
 
 
+SERVICE_LOGS: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a running API with a train and a generate worker behind it."""
     subprocess.run([sys.executable, "-m", "worker.models", "tiny-gemma", "gemma-3-270m"],
                    env=service_env, cwd=ROOT, check=True)
     logs = tmp_path_factory.mktemp("logs")
+    SERVICE_LOGS["dir"] = logs
     port = free_port()
     commands = {"api": api_argv("127.0.0.1", port), "train": worker_argv(TRAIN_QUEUE),
                 "generate": worker_argv(GENERATE_QUEUE)}
@@ -136,6 +140,12 @@ def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)
         print(f"service logs in {logs}")
+
+
+@pytest.fixture(scope="session")
+def service_logs(service: str) -> Path:
+    """The folder of the ``service`` processes' logs: api.log, train.log, generate.log."""
+    return SERVICE_LOGS["dir"]
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,13 @@ from app.api.routes.generate import router as generate_router
 from app.api.routes.jobs import router as job_router
 from app.api.routes.ops import probes
 from app.api.routes.ops import router as metrics_router
+from app.api.routes.webhooks import router as webhook_router
 from app.api.schemas import ErrorEnvelope
+from app.api.services.webhooks import webhook_store
 from app.core.lease import Reaper
 from app.core.queue import enqueue_train
 from app.core.settings import get_settings
+from app.core.webhooks import Deliverer
 
 log = logging.getLogger("ftaas.api")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -35,8 +38,12 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     # lost jobs are requeued even while no train worker is up (app/core/lease.py; workers sweep too)
     reaper = Reaper(job_store(), get_settings(), enqueue_train)
     reaper.thread()
+    # webhook deliveries from the Redis outbox, off the request path (app/core/webhooks.py)
+    deliverer = Deliverer(webhook_store(), get_settings())
+    deliverer.thread()
     yield
     reaper.stopped.set()
+    deliverer.stop()
 
 
 app = FastAPI(
@@ -55,6 +62,7 @@ _keyed = [Depends(auth.principal)]
 app.include_router(job_router, dependencies=_keyed)
 app.include_router(generate_router, dependencies=_keyed)
 app.include_router(dataset_router, dependencies=_keyed)
+app.include_router(webhook_router, dependencies=_keyed)
 app.include_router(openai_router, dependencies=_keyed)
 app.include_router(metrics_router, dependencies=[Depends(auth.admin)])
 app.include_router(dashboard_router)

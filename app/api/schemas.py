@@ -3,8 +3,10 @@ models are the job contract in app/core/jobs.py (re-exported here for the routes
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
+import llguidance
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from app.core.jobs import (  # noqa: F401  (re-exported)
@@ -155,6 +157,9 @@ class JobList(BaseModel):
     next_after: str | None = Field(None, description="Pass as `after` for the next page.")
 
 
+TOKEN_ID = re.compile(r"[0-9]{1,9}")
+
+
 class GenerateRequest(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"prompt": "Quote: Imagination is more", "max_new_tokens": 4},
@@ -187,6 +192,50 @@ class GenerateRequest(Strict):
     logprobs: int | None = Field(None, ge=0, le=20, description="Return each token's logprob and its k likeliest "
                                  "alternatives (k = this; 0: the chosen tokens' only), from the model's logits "
                                  "before temperature, top-k and top-p.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this from the logit of every "
+                                    "token the completion has generated.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Minus this times how often the completion "
+                                     "has generated the token.")
+    logit_bias: dict[str, float] = Field(
+        default_factory=dict, max_length=300, description="Token id (a string) -> added to its logit before "
+        "sampling (-100 bans it, +100 all but forces it); ids must be below the model's vocabulary size.")
+    response_format: dict[str, Any] | None = Field(None, description='`{"type": "json_object"}` or `{"type": '
+                                                   '"json_schema", "schema": {...}}`: the completion is JSON (of '
+                                                   'the schema), by constrained decoding; `{"type": "text"}`: none.')
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, bias in v.items():
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"{key!r} is not a token id (digits)")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"token {key}: {bias} is outside -100..100")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _json_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        kind = v.get("type")
+        keys = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "schema"}}.get(str(kind))
+        if keys is None:
+            raise ValueError(f"type must be text, json_object or json_schema, not {kind!r}")
+        if set(v) - keys:
+            raise ValueError(f"unknown keys for {kind}: {sorted(set(v) - keys)}")
+        if kind == "text":
+            return None
+        if kind == "json_schema" and not isinstance(v.get("schema"), dict):
+            raise ValueError("json_schema needs a `schema` object")
+        schema = v.get("schema", {"type": "object"})
+        try:
+            error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
+        except Exception as e:  # llguidance's words for a schema it cannot read
+            error = str(e)
+        if error:
+            raise ValueError(f"invalid JSON schema: {error}")
+        return v
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -283,3 +332,31 @@ class DatasetList(BaseModel):
     data: list[Dataset]
     has_more: bool
     next_after: str | None = Field(None, description="Pass as `after` for the next page.")
+
+
+# -- webhooks (app/core/webhooks.py) --------------------------------------------------------------
+
+WebhookId = Annotated[str, Field(pattern=r"^wh_[0-9a-f]{22}$")]
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"url": "https://example.com/hooks"}]})
+    url: str = Field(max_length=2048, description="Receives the tenant's `fine_tuning.job.*` events: https, "
+                     "to a public address (http only to the operator's FTAAS_WEBHOOK_ALLOWED_HOSTS).")
+
+
+class Webhook(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    created_at: float
+    tenant: str = Field(description="The tenant whose jobs' events it receives.")
+
+
+class WebhookCreated(Webhook):
+    secret: str = Field(description="`whsec_…`: verifies the `webhook-signature` header. Shown only here, once.")
+
+
+class WebhookList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Webhook]

@@ -6,7 +6,6 @@ HTTP only (httpx): nothing here imports the API, Redis or torch.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,9 +69,8 @@ class Client:
     """A thin wrapper over ``httpx.Client`` that turns every failure into a :class:`CliError`."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
-        self.url = (url or os.environ.get("FTAAS_URL") or DEFAULT_URL).rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("FTAAS_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = (url or DEFAULT_URL).rstrip("/")  # typer reads --url / FTAAS_URL and --api-key / FTAAS_API_KEY
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> Client:

@@ -1,6 +1,6 @@
 """The ``ftaas`` commands: train, jobs, job, cancel, generate, datasets, serve.
 
-Each talks HTTP to ``FTAAS_URL`` (default http://127.0.0.1:8000), sending ``FTAAS_API_KEY`` as a bearer
+Each talks HTTP to ``--url`` / ``FTAAS_URL`` (default http://127.0.0.1:8000), sending ``FTAAS_API_KEY`` as a bearer
 token when set. Server errors print one line, ``error: <code>: <message>``, and exit 1; an unreachable
 server exits 2.
 """
@@ -17,7 +17,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from app.cli.client import Client, CliError
+from app.cli.client import DEFAULT_URL, Client, CliError
 from app.cli.follow import follow
 from app.cli.views import console, datasets_table, job_details, jobs_table, print_summary
 from app.core.ids import is_dataset_id
@@ -27,7 +27,8 @@ R = TypeVar("R")
 DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 app = typer.Typer(name="ftaas", help="Fine-tune as a service: train LoRA adapters and generate with them.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 keys_app = typer.Typer(help="Make API keys for the server's keys file.", no_args_is_help=True)
@@ -38,15 +39,17 @@ _OPTIONS: dict[str, str | None] = {}
 
 @app.callback()
 def _global_options(
+    url: Annotated[str, typer.Option(
+        "--url", envvar="FTAAS_URL", help="The ftaas server (or set FTAAS_URL).")] = DEFAULT_URL,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="FTAAS_API_KEY", show_default=False,
         help="API key sent as 'Authorization: Bearer' (or set FTAAS_API_KEY).")] = None,
 ) -> None:
-    _OPTIONS["api_key"] = api_key or None
+    _OPTIONS["url"], _OPTIONS["api_key"] = url, api_key or None
 
 
 def _client() -> Client:
-    return Client(api_key=_OPTIONS.get("api_key") or "")
+    return Client(url=_OPTIONS.get("url") or DEFAULT_URL, api_key=_OPTIONS.get("api_key") or "")
 
 
 def handled(fn: Callable[P, R]) -> Callable[P, R]:
@@ -92,7 +95,8 @@ def _dataset_ref(client: Client, data: str) -> dict[str, Any]:
 @app.command()
 @handled
 def train(
-    data: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file to upload, or a ds_… id.")],
+    data: Annotated[str, typer.Argument(
+        metavar="DATA", help="A .jsonl/.json/.csv/.parquet file to upload, or a ds_… id.")],
     base_model: Annotated[str | None, typer.Option("--base-model", "-m", help="Base model (server default).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", "-s", help="Optimizer steps (max_steps).")] = None,
     template: Annotated[str | None, typer.Option(help="str.format template over the row's columns.")] = None,

@@ -295,6 +295,11 @@ class GenerateTask(BaseModel):
     n: int = Field(1, ge=1, description="Completions per prompt: rows i * n + j; row j samples with seed + j.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Each token's logprob and its k likeliest.")
     echo: bool = Field(False, description="Also the prompt's tokens' logprobs.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=300, description="Token id -> bias.")
+    response_format: dict[str, Any] | None = Field(None, description="json_object / json_schema (checked by the "
+                                                   "API); the worker compiles its grammar.")
 
     @model_validator(mode="after")
     def _tokens_or_echo(self) -> GenerateTask:

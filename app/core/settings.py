@@ -1,11 +1,12 @@
 """The one Settings object, read from the environment (prefix ``FTAAS_``)."""
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core.apikeys import ApiKeyEntry
 from app.core.ids import hub_repo_id_problem
@@ -133,6 +134,19 @@ class Settings(BaseSettings):
     generate_rate: int = Field(120, ge=1, description="Generate requests a tenant may make per rate window (429).")
     generate_rate_window_s: int = Field(60, ge=1, description="The generate rate's fixed window, in seconds.")
 
+    # -- webhooks (docs/api.md#webhooks; app/core/webhooks.py) ---------------------------------------
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts webhooks may reach over http and whatever they resolve to "
+        "(comma-separated or a JSON list; e.g. 127.0.0.1 for tests); others need https and a public address.")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="How long one webhook attempt may take.")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="Attempts per webhook event before giving up.")
+    webhook_backoff_s: float = Field(5.0, gt=0, description="Wait before the second attempt; doubled each time.")
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="Longest wait between two attempts.")
+    webhook_poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often the API looks for due "
+                                           "webhook deliveries.")
+    webhook_concurrency: int = Field(4, ge=1, le=64, description="Webhook deliveries sent at once per API process.")
+    webhook_max_per_tenant: int = Field(10, ge=1, description="Webhook endpoints a tenant may register.")
+
     @model_validator(mode="after")
     def _token_from_file(self) -> Self:
         """The hub token from ``hf_token_file`` when the environment has none."""
@@ -162,6 +176,15 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_s * 2 > self.lease_ttl_s:
             raise ValueError("FTAAS_HEARTBEAT_INTERVAL_S must be at most half of FTAAS_LEASE_TTL_S")
         return self
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        """``a,b`` or a JSON list, from the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [h.strip() for h in text.split(",") if h.strip()]
+        return value
 
     @field_validator("hub_models")
     @classmethod

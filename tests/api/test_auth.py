@@ -210,6 +210,9 @@ def _job_body(objs: dict[str, str]) -> dict[str, Any]:
                                 "max_length": 64, "gradient_checkpointing": False}}
 
 
+#: A public address the keyed service accepts (it allows no http hosts); never sent to, see the rows below.
+HOOK_URL = "https://93.184.215.14/ftaas-matrix-hook"
+
 MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/jobs"): {"json": _job_body, **_by_id(404, 202)},
     ("GET", "/jobs"): _list_row("job"),
@@ -246,6 +249,12 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/metrics"): _by_id(403, 403, 200),  # operations data of every tenant: admin keys only
     ("GET", "/adapters"): {"other": _lists("job", _adapter_ids, False), "owner": _status(200),
                            "admin": _status(200)},  # loaded ones only: alpha's may not be loaded yet
+    # webhooks exist only around their request (made fresh, deleted after), so no job's event is ever sent
+    ("POST", "/webhooks"): {"json": lambda o: {"url": HOOK_URL}, **_by_id(201, 201)},  # each for its own tenant
+    ("GET", "/webhooks"): {"fresh": "webhook", "other": _lists("fresh_webhook", _data_ids, False),
+                           "owner": _lists("fresh_webhook", _data_ids, True),
+                           "admin": _lists("fresh_webhook", _data_ids, True)},
+    ("DELETE", "/webhooks/{webhook_id}"): {"fresh": "webhook", **_by_id(404, 204)},
 }
 
 
@@ -263,7 +272,7 @@ def test_the_matrix_covers_every_route() -> None:
 def _fill(path: str, objs: dict[str, str], fresh: str | None) -> str:
     ids = {"job_id": objs["job"], "dataset_id": objs["ds"], "file_id": objs["file"], "model": objs["model"]}
     if fresh:
-        ids[{"ds": "dataset_id", "file": "file_id"}[fresh]] = objs[f"fresh_{fresh}"]
+        ids[{"ds": "dataset_id", "file": "file_id", "webhook": "webhook_id"}[fresh]] = objs[f"fresh_{fresh}"]
     for name, value in ids.items():
         path = path.replace("{" + name + "}", value)
     return path
@@ -272,13 +281,24 @@ def _fill(path: str, objs: dict[str, str], fresh: str | None) -> str:
 def _fresh(svc: Keyed, kind: str) -> str:
     """A new object of alpha's to delete."""
     with svc.client("alpha") as c:
-        if kind == "ds":
+        if kind == "webhook":
+            r = c.post("/webhooks", json={"url": HOOK_URL})
+        elif kind == "ds":
             r = c.post("/datasets", files={"file": ("d.jsonl", b'{"quote": "a", "author": "b"}\n')})
         else:
             chat = "".join(json.dumps(r) + "\n" for r in CHAT_ROWS).encode()
             r = c.post("/v1/files", files={"file": ("c.jsonl", chat)}, data={"purpose": "fine-tune"})
         assert r.status_code in (200, 201), r.text
         return str(r.json()["id"])
+
+
+def _drop_webhooks(svc: Keyed, row: dict[str, Any], resp: httpx.Response, objs: dict[str, str]) -> None:
+    """Delete the webhooks a matrix request was made with or made, so that no event is ever sent to them."""
+    made = [objs["fresh_webhook"]] if row.get("fresh") == "webhook" else []
+    if resp.status_code == 201 and resp.url.path == "/webhooks":
+        made.append(resp.json()["id"])
+    for hook_id in made:  # gone already after an allowed DELETE
+        assert httpx.delete(f"{svc.url}/webhooks/{hook_id}", headers=svc.headers("root")).status_code in (204, 404)
 
 
 @pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
@@ -297,6 +317,7 @@ def test_authorisation_matrix(keyed: Keyed, owned: dict[str, str], route: tuple[
             kwargs["data"] = {"purpose": "fine-tune"}
         path = _fill(template, objs, row.get("fresh"))
         resp = httpx.request(method, keyed.url + path, headers=_headers(keyed, who), timeout=120, **kwargs)
+        _drop_webhooks(keyed, row, resp, objs)
         if who in ("none", "wrong"):
             assert resp.status_code == 401, (who, resp.text)
             assert resp.headers["www-authenticate"] == "Bearer"

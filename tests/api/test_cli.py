@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from app.cli import app
 from app.cli.client import Client, iter_sse
+from app.cli.follow import Follower
 from tests.conftest import ROOT, free_port, wait_for
 
 TINY_HP = json.dumps({"batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 64,
@@ -212,3 +216,45 @@ def test_cancel(cli_env: dict[str, str], uploaded: Result, client: httpx.Client)
     res = ftaas(cli_env, "cancel", job_id)
     assert res.exit_code == 0 and res.stdout.startswith(f"{job_id} cancel"), res.output
     assert client.get(f"/jobs/{job_id}").json()["status"] in ("cancelled", "running")
+
+
+def test_follow_shows_every_phase_and_the_servers_whole_job_eta(cli_env: dict[str, str], client: httpx.Client,
+                                                                 quotes: list[dict[str, Any]],
+                                                                 service_logs: Path) -> None:
+    """The live bar reads the phase and the ETA from the job's own events: the bar of a real job with a
+    validation set, replayed event by event, says what the job is doing and "estimating" until a step is
+    measured, then the server's ETA (not rich's guess from the bar's speed)."""
+    body = {"base_model": "tiny-gemma", "dataset": {"rows": quotes[:16]}, "validation": {"fraction": 0.25},
+            "hyperparameters": json.loads(TINY_HP) | {"max_steps": 4, "eval_interval": 2}}
+    created = client.post("/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job = created.json()
+    res = ftaas(cli_env, "job", job["id"], "--follow")
+    assert res.exit_code == 0 and f"{job['id']} succeeded at step 4/4" in res.stdout, res.output
+    events = client.get(f"/jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
+
+    follower = Follower(Console(file=io.StringIO()), job)
+    shown: list[tuple[str, str]] = []
+    for ev in events:
+        follower.on_event(ev)
+        task = follower.progress.tasks[0]
+        shown.append((str(task.description), str(task.fields["eta"])))
+    order = list(dict.fromkeys(d for d, _ in shown))
+    assert order[:1] == ["queued"] and order[-1] == "succeeded", order
+    for words in ("preparing data", "loading model", "evaluating (before) 1/1", "sampling (before)", "training",
+                  "sampling (after)", "saving"):
+        assert words in order, (words, order)
+    assert order.index("evaluating (before) 1/1") < order.index("training") < order.index("saving")
+    etas = [eta for d, eta in shown if d in ("preparing data", "loading model", "evaluating (before) 1/1")]
+    assert etas and set(etas) == {"estimating"}, "no ETA before a training step is measured"
+    after_training = [eta for d, eta in shown if d in ("sampling (after)", "saving")]
+    assert after_training and all(re.fullmatch(r"\d+:\d\d", eta) for eta in after_training), shown
+
+    # the train worker logs one INFO line per step, in one stable form, and no step at WARNING level
+    # (transformers' PrinterCallback printed every log dict to stdout, which Celery logs as WARNING)
+    log_lines = (service_logs / "train.log").read_text().splitlines()
+    steps = [line for line in log_lines if f"{job['id']} step " in line]
+    assert len(steps) == 4 and all("INFO" in line for line in steps), steps
+    assert all(re.search(rf"{job['id']} step {k}/4 loss \d+\.\d{{4}} lr \S+ grad_norm \S+ eta (\d+s|-)$", line)
+               for k, line in enumerate(steps, 1)), steps
+    assert not [line for line in log_lines if "WARNING" in line and "'loss'" in line]

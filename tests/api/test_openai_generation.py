@@ -134,8 +134,8 @@ def test_completion_logprobs(oai: OpenAI) -> None:
 
 
 def test_echo_scores_the_prompt(oai: OpenAI) -> None:
-    """What lm-evaluation-harness sends for a loglikelihood: echo, max_tokens 0, logprobs. OpenAI answers null for
-    the first prompt token (nothing precedes it), which the client's strict types refuse: read the raw answer."""
+    """What lm-evaluation-harness sends for a loglikelihood: echo, max_tokens 0, logprobs. The tokenizer's <bos> is
+    not echoed, so every echoed token has a score (OpenAI answers null for a first token nothing precedes)."""
     prompt = "Quote: The only thing we have to fear is fear itself"
     raw = oai.completions.with_raw_response.create(model="tiny-gemma", prompt=prompt, max_tokens=0, echo=True,
                                                    logprobs=1, temperature=0)
@@ -143,9 +143,9 @@ def test_echo_scores_the_prompt(oai: OpenAI) -> None:
     choice, usage = body["choices"][0], body["usage"]
     assert choice["text"] == prompt and usage["completion_tokens"] == 0 and usage["prompt_tokens"] > 3
     lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == usage["prompt_tokens"]
-    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-    assert all(x <= 0 for x in lp["token_logprobs"][1:]) and lp["text_offset"] == sorted(lp["text_offset"])
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == usage["prompt_tokens"] - 1
+    assert all(x <= 0 for x in lp["token_logprobs"]) and lp["text_offset"] == sorted(lp["text_offset"])
+    assert lp["text_offset"][0] == 0
     assert lp["text_offset"][-1] < len(prompt)
 
     # echo with generated tokens: the prompt's entries, then the completion's, which match a plain request's
@@ -153,9 +153,9 @@ def test_echo_scores_the_prompt(oai: OpenAI) -> None:
                                                     logprobs=1, temperature=0).http_response.json()
     plain = oai.completions.create(model="tiny-gemma", prompt=prompt, max_tokens=3, logprobs=1, temperature=0)
     assert both["choices"][0]["text"] == prompt + plain.choices[0].text
-    n_prompt = usage["prompt_tokens"]
-    assert both["choices"][0]["logprobs"]["token_logprobs"][:n_prompt][1:] == pytest.approx(
-        lp["token_logprobs"][1:], abs=1e-3)
+    n_prompt = usage["prompt_tokens"] - 1
+    assert both["choices"][0]["logprobs"]["token_logprobs"][:n_prompt] == pytest.approx(
+        lp["token_logprobs"], abs=1e-3)
     assert both["choices"][0]["logprobs"]["token_logprobs"][n_prompt:] == pytest.approx(
         plain.choices[0].logprobs.token_logprobs, abs=1e-3)  # type: ignore[union-attr]
     with pytest.raises(openai.BadRequestError) as bad:

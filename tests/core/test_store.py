@@ -17,7 +17,8 @@ def test_record_exists_queued_with_progress(store: JobStore) -> None:
     job_id = _new(store)
     job = store.get(job_id)
     assert job is not None and job["status"] == "queued"
-    assert job["progress"] == {"step": 0, "total_steps": 10, "fraction": 0.0, "eta_seconds": None}
+    assert job["progress"] == {"step": 0, "total_steps": 10, "fraction": 0.0, "eta_seconds": None,
+                               "phase": "queued", "phase_progress": None}
     assert job["started_at"] is None and job["finished_at"] is None
     assert store.payload(job_id) == {"name": "t", "hyperparameters": {"max_steps": 10}}
     assert store.get("job_0000000000000000000000") is None

@@ -116,27 +116,27 @@ def test_echo_scores_the_prompt(setup: Any) -> None:
         score = pool.generate(fp32([PROMPTS[0], long], name, echo=True, logprobs=2, max_new_tokens=0))["outputs"]
         for prompt, out in zip([PROMPTS[0], long], score, strict=True):
             ids = tok(prompt)["input_ids"]
+            assert ids[0] == tok.bos_token_id
             lp = out["logprobs"]
             assert (out["text"], out["tokens"], out["finish_reason"]) == ("", 0, "length")
-            assert out["prompt_tokens"] == len(ids) and lp["token_ids"] == ids
-            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            # <bos> is the tokenizer's, not the client's text: not echoed, so each echoed token has a score
+            assert out["prompt_tokens"] == len(ids) and lp["token_ids"] == ids[1:]
             ref = direct_logprobs(model, ids)
             want = [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
-            assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-3)
-            assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
-            for off, piece, i in zip(lp["text_offset"], lp["tokens"], ids, strict=True):
-                if i not in tok.all_special_ids:
-                    assert prompt[off:].startswith(piece)
+            assert lp["token_logprobs"] == pytest.approx(want, abs=1e-3)
+            assert all(top is not None and len(top) == 2 for top in lp["top_logprobs"])
+            for off, piece in zip(lp["text_offset"], lp["tokens"], strict=True):
+                assert prompt[off:].startswith(piece)
         both = pool.generate(fp32(PROMPTS[1], name, echo=True, logprobs=1, max_new_tokens=4))["outputs"][0]
         ids = tok(PROMPTS[1])["input_ids"]
         lp = both["logprobs"]
-        assert len(lp["token_ids"]) == len(ids) + both["tokens"] and lp["token_ids"][:len(ids)] == ids
-        assert lp["text_offset"][len(ids)] == len(PROMPTS[1]), "generated offsets follow the prompt's text"
+        assert len(lp["token_ids"]) == len(ids) - 1 + both["tokens"] and lp["token_ids"][:len(ids) - 1] == ids[1:]
+        assert lp["text_offset"][len(ids) - 1] == len(PROMPTS[1]), "generated offsets follow the prompt's text"
         assert both["text"] == pool.generate(fp32(PROMPTS[1], name, max_new_tokens=4))["outputs"][0]["text"]
-        ref = direct_logprobs(model, lp["token_ids"])
-        want = [ref[p - 1, t].item() for p, t in enumerate(lp["token_ids"]) if p]
-        assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-3)
-
+        full = [ids[0], *lp["token_ids"]]
+        ref = direct_logprobs(model, full)
+        want = [ref[p - 1, t].item() for p, t in enumerate(full) if p]
+        assert lp["token_logprobs"] == pytest.approx(want, abs=1e-3)
 
 def test_end_token_ids_of_gemma3_270m() -> None:
     settings = Settings(device="cpu")

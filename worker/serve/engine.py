@@ -32,11 +32,12 @@ from transformers import PreTrainedTokenizerBase
 from app.core.errors import UserFacingError
 from worker.decoding import LENGTH, STOP, FinishReason, decode_new, end_token_ids, finished_output, has_stop
 from worker.serve.adapter_slots import BASE_MODEL, AdapterSlots
+from worker.serve.grammar import Grammars, allowed
 from worker.serve.kv_cache import SlotCache
 from worker.serve.logprobs import RowLogprobs, as_output, prompt_entries, record
 from worker.serve.multi_lora import install
 from worker.serve.rows import Piece, Request, Row
-from worker.serve.sampling import Params, holdback, sample
+from worker.serve.sampling import Params, adjust, holdback, sample
 
 log = logging.getLogger("ftaas.batcher")
 
@@ -46,8 +47,7 @@ class BatchEngine:
                  slots: int, rank: int, adapter_path: Callable[[str], Path], cuda_graphs: bool,
                  prefill_tokens: int = 4096) -> None:
         self.model, self.tok = model, tokenizer
-        self.device = next(model.parameters()).device
-        cfg = model.config
+        self.device, cfg = next(model.parameters()).device, model.config
         self.dtype = model.get_input_embeddings().weight.dtype
         self.ctx, self.wrapped = install(model, slots, rank, self.dtype)
         self.rank, self.max_rows, self.max_len = rank, max_rows, max_len
@@ -62,6 +62,9 @@ class BatchEngine:
                                max_len if self.graphed else min(max_len, 256), self.dtype, self.device)
         # every end token of the model (its chat template's end of turn too), and pad as before
         self.eos = end_token_ids(tokenizer, model) | {e for e in [tokenizer.pad_token_id] if e is not None}
+        self.vocab = int(model.get_input_embeddings().num_embeddings)  # the logits' width
+        self.ends = sorted(e for e in self.eos if e < self.vocab)
+        self.grammars = Grammars(tokenizer, self.vocab)  # response_format: compiled per schema, cached
         # transformers >= 5.2x names the model's cache argument ``cache`` (``past_key_values`` before)
         params = inspect.signature(model.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -97,8 +100,17 @@ class BatchEngine:
     # -- public -----------------------------------------------------------------------------------
     def submit(self, prompts: list[str], params: Params, adapter: str | None = None,
                on_piece: Piece | None = None) -> Future[dict[str, Any]]:
+        """Queue a request; its grammar compiles here (cached per schema), never on the engine thread."""
         rows = len(prompts) * params.n
         req = Request(prompts, params, adapter, on_piece, Future(), outputs=[None] * rows, left=rows)
+        try:
+            if high := [i for i in params.logit_bias if not 0 <= i < self.vocab]:
+                raise UserFacingError("invalid_request", f"logit_bias: token id {high[0]} is not in this model's "
+                                      f"vocabulary (ids 0 to {self.vocab - 1})")
+            req.grammar = self.grammars.matcher(params.response_format)
+        except UserFacingError as e:
+            req.future.set_exception(e)
+            return req.future
         self.inbox.put(req)
         return req.future
 
@@ -232,7 +244,8 @@ class BatchEngine:
                         gen.manual_seed(p.seed + j if p.seed is not None else
                                         int(torch.randint(0, 2**31 - 1, (1,)).item()))
                     lp = RowLogprobs(p.logprobs) if p.logprobs is not None else None
-                    self.waiting.append(Row(req, i * p.n + j, ids, gen=gen, lp=lp))
+                    self.waiting.append(Row(req, i * p.n + j, ids, gen=gen, lp=lp,
+                                            matcher=req.grammar.deep_copy() if req.grammar else None))
 
     def _adapter_slot(self, req: Request) -> int | None:
         """The slot of the request's adapter (BASE_MODEL for none), or None while it loads or no slot is free;
@@ -303,8 +316,7 @@ class BatchEngine:
         """Pick each row's next token (``logits[at[i]]`` for ``rows[i]``), stream it, finish rows; the rest
         feed their token at the next step."""
         greedy = logits.argmax(-1).tolist()
-        tokens = [int(greedy[a]) if not r.req.params.do_sample else sample(logits[a], r.req.params, r.gen)
-                  for r, a in zip(rows, at, strict=True)]
+        tokens = [self._pick(r, logits[a], greedy[a]) for r, a in zip(rows, at, strict=True)]
         record([(r.lp, a, t) for r, a, t in zip(rows, at, tokens, strict=True)
                 if r.lp is not None and r.req.params.max_new_tokens and t not in self.eos], logits)
         now = time.monotonic()
@@ -319,6 +331,9 @@ class BatchEngine:
                 finish = STOP
             else:
                 r.ids.append(token)
+                r.counts[token] = r.counts.get(token, 0) + 1
+                if r.matcher is not None and (not r.matcher.consume_token(token) or r.matcher.is_stopped()):
+                    finish = STOP  # the JSON is complete (a refused token cannot be: the mask allowed it)
             if (p.stop or r.req.on_piece) and finish is None:
                 new, r.prefix, r.read = decode_new(self.tok, r.ids, r.prefix, r.read)
                 r.text += new
@@ -347,6 +362,16 @@ class BatchEngine:
                 r.pos += 1
         self.ids.copy_(self.ids_host, non_blocking=True)
         self.pos.copy_(self.pos_host, non_blocking=True)
+
+    def _pick(self, r: Row, logits: torch.Tensor, greedy: int) -> int:
+        """Row ``r``'s next token from its raw ``logits [vocab]``: logit_bias, penalties and its grammar's mask
+        first when it has them, then greedy or temperature / top-k / top-p."""
+        p = r.req.params
+        if r.matcher is not None or p.adjusts:
+            logits = adjust(logits, p, r.counts, None if r.matcher is None else
+                            allowed(r.matcher, self.vocab, self.ends))
+            greedy = int(logits.argmax())
+        return sample(logits, p, r.gen) if p.do_sample else int(greedy)
 
     def _free_row(self, r: Row) -> None:
         if r.row >= 0 and self.rows[r.row] is r:

@@ -9,7 +9,9 @@ A row's output ``logprobs`` (lists of one entry per token, prompt tokens first w
     {"tokens": [str], "token_ids": [int], "token_logprobs": [float | None],
      "top_logprobs": [dict[str, float] | None], "text_offset": [int]}
 
-The first prompt token has no logprob (nothing predicts it): None in ``token_logprobs`` and ``top_logprobs``.
+Special tokens the tokenizer adds before the prompt (<bos>) are not echoed: the first echoed token is then
+scored given <bos>. Without such a token the first prompt token has no logprob (nothing predicts it): None in
+``token_logprobs`` and ``top_logprobs``.
 A token's string is ``tokenizer.decode([id])`` (special tokens as their text); ``top_logprobs`` maps the k
 likeliest tokens' strings to their logprobs ({} when k is 0; two ids of one string keep the likelier);
 ``text_offset`` is each token's character offset in (the prompt with echo, else "") + the generated text.
@@ -92,8 +94,22 @@ def _offsets(tok: PreTrainedTokenizerBase, ids: list[int], base: int) -> list[in
     return offsets
 
 
+def _added_in_front(tok: PreTrainedTokenizerBase, prompt: str, ids: list[int]) -> int:
+    """How many special tokens the tokenizer put before the prompt's own (Gemma's <bos>): not part of the text
+    the client sent, so not echoed. Evaluation harnesses slice the echoed lists by the context's token count
+    without them (lm-evaluation-harness: ``token_logprobs[ctxlen:-1]``); echoing <bos> shifted that by one."""
+    added = len(ids) - len(tok(prompt, add_special_tokens=False)["input_ids"])
+    special = set(tok.all_special_ids)
+    n = 0
+    while n < min(added, len(ids)) and ids[n] in special:
+        n += 1
+    return n
+
+
 def as_output(lp: RowLogprobs, tok: PreTrainedTokenizerBase, prompt: str | None) -> dict[str, Any]:
     """The row's ``logprobs`` output (the module docstring); ``prompt``: its text when it echoes."""
+    if prompt is not None and lp.prompt:
+        lp.prompt = lp.prompt[_added_in_front(tok, prompt, [t for t, _, _ in lp.prompt]):]
     entries = [*lp.prompt, *lp.generated]
     wanted = sorted({t for t, _, _ in entries} | {i for _, _, top in entries for i, _ in top or []})
     text = dict(zip(wanted, tok.batch_decode([[i] for i in wanted], skip_special_tokens=False), strict=True))

@@ -31,6 +31,7 @@ class Request:
     t_load: float | None = None
     load_ms: float = 0.0
     cache: str | None = None
+    grammar: Any = None  # the compiled matcher its rows copy (worker.serve.grammar), with a response_format
     outputs: list[dict[str, Any] | None] = field(default_factory=list)  # prompt-major: outputs[i * n + j]
     left: int = 0
 
@@ -59,3 +60,5 @@ class Row:
     prefix: int = 0  # ids[prefix:read]: the window worker.decoding.decode_new decodes again
     read: int = 0
     lp: RowLogprobs | None = None  # with logprobs asked for
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times (penalties)
+    matcher: Any = None  # its grammar's llguidance matcher (worker.serve.grammar), with a response_format

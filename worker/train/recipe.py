@@ -306,7 +306,7 @@ def _samples(trainer: SFTTrainer, tokenizer: PreTrainedTokenizerBase, prompts: l
     model = trainer.model
     was_training = model.training  # type: ignore[union-attr]
     model.eval()  # type: ignore[union-attr]
-    outs = generate_texts(model, tokenizer, prompts, SAMPLE_TOKENS, seed=seed)
+    outs = generate_texts(model, tokenizer, prompts, SAMPLE_TOKENS, seed=seed, bf16_head=True)
     model.train(was_training)  # type: ignore[union-attr]
     return [o["text"] for o in outs]
 

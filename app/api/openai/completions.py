@@ -18,7 +18,9 @@ from app.api.schemas import GenerateRequest
 #: ftaas generate fields -> the OpenAI field a problem with them names.
 COMPLETION_PARAMS = {"prompts": "prompt", "prompt": "prompt", "max_new_tokens": "max_tokens", "n": "n",
                      "logprobs": "logprobs", "echo": "echo", "temperature": "temperature", "top_p": "top_p",
-                     "seed": "seed", "stop": "stop"}
+                     "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+                     "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias",
+                     "response_format": "response_format"}
 CHAT_PARAMS = COMPLETION_PARAMS | {"prompts": "messages", "prompt": "messages", "logprobs": "top_logprobs",
                                    "max_new_tokens": "max_completion_tokens"}
 
@@ -37,8 +39,9 @@ def render_chat(messages: list[ChatMessageIn]) -> str:
 
 def native_request(body: CompletionCreate | ChatCompletionCreate, prompts: list[str], max_tokens: int,
                    adapter: str | None, base: str, params: dict[str, str]) -> GenerateRequest:
-    """The generate request an OpenAI body asks for. Temperature 0 is greedy decoding; ``n``, ``logprobs`` and
-    ``echo`` are sent only when asked, so a request without them is the plain one."""
+    """The generate request an OpenAI body asks for. Temperature 0 is greedy decoding; ``n``, ``logprobs``,
+    ``echo``, penalties, ``logit_bias`` and ``response_format`` are sent only when asked, so a request without
+    them is the plain one."""
     temperature = 1.0 if body.temperature is None else body.temperature
     fields: dict[str, Any] = {
         "prompts": prompts, "adapter": adapter, "base_model": None if adapter else base,
@@ -51,6 +54,11 @@ def native_request(body: CompletionCreate | ChatCompletionCreate, prompts: list[
         fields["logprobs"] = logprobs
     if isinstance(body, CompletionCreate) and body.echo:
         fields["echo"] = True
+    for name in ("presence_penalty", "frequency_penalty", "logit_bias"):  # sent only when they change something
+        if getattr(body, name):
+            fields[name] = getattr(body, name)
+    if body.native_format is not None:
+        fields["response_format"] = body.native_format
     return build(GenerateRequest, params, **fields)
 
 

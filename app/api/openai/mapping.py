@@ -124,6 +124,8 @@ _MESSAGES: dict[str, Callable[[dict[str, Any]], str]] = {
     "dataset_stats": lambda d: f"Training file validated: {d.get('rows_used', '?')} examples",
     "step": lambda d: f"Step {d.get('step')}/{d.get('total_steps')}: training loss={d.get('loss', float('nan')):.4f}",
     "eval": lambda d: f"Step {d.get('step')}: validation loss={d.get('eval_loss', float('nan')):.4f}",
+    "phase": lambda d: f"Phase: {str(d.get('phase')).replace('_', ' ')}"
+                       + (f" ({d.get('done', 0)}/{d['total']})" if d.get("total") else ""),
     "cancel_requested": lambda d: "Cancellation requested; the job stops at its next step",
     "adapter_saved": lambda d: "Adapter saved",
     "succeeded": lambda d: "The job has successfully completed",

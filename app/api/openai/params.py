@@ -3,9 +3,11 @@
 Every field the official client may send is declared, so wrapper libraries that send a field with its
 default or no-op value (``presence_penalty: 0``, ``logit_bias: {}``, ``store: false``, ``metadata``,
 ``parallel_tool_calls``, ``service_tier``…) are served. A field that asks for something ftaas does not do
-(a penalty, a bias, tools, ``best_of`` above ``n``, a JSON ``response_format``…) is a 400 naming it in
-``param`` (``unsupported``), never silently ignored. Labels (``user``, ``metadata``, ``safety_identifier``,
-``prompt_cache_key``) and scheduling hints (``service_tier``) change nothing in the answer and are ignored.
+(tools, ``best_of`` above ``n``, ``store: true``…) is a 400 naming it in ``param`` (``unsupported``), never
+silently ignored. Penalties, ``logit_bias`` and a JSON ``response_format`` are honoured by the generate worker's
+engine (``native_format`` is the native request's ``response_format``). Labels (``user``, ``metadata``,
+``safety_identifier``, ``prompt_cache_key``) and scheduling hints (``service_tier``) change nothing in the answer
+and are ignored.
 Bounds that depend on the deployment (``n``, ``logprobs``, ``max_tokens``) are the native request's.
 """
 
@@ -28,10 +30,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _zero(v: Any) -> bool:
-    return v is None or v == 0
-
-
 def _empty(v: Any) -> bool:
     return not v
 
@@ -46,11 +44,6 @@ def _false(v: Any) -> bool:
 
 #: field -> (holds a value ftaas can honour, what ftaas does instead)
 Check = tuple[Callable[[Any], bool], str]
-_PENALTIES: dict[str, Check] = {
-    "presence_penalty": (_zero, "only 0 (no penalty) is offered"),
-    "frequency_penalty": (_zero, "only 0 (no penalty) is offered"),
-    "logit_bias": (_empty, "only an empty map (no bias) is offered"),
-}
 
 
 class StreamOptions(Strict):
@@ -59,7 +52,7 @@ class StreamOptions(Strict):
 
 
 class _Sampling(Strict):
-    NOOP: ClassVar[dict[str, Check]] = _PENALTIES
+    NOOP: ClassVar[dict[str, Check]] = {}
     model: Annotated[str, StringConstraints(min_length=1, max_length=300)]
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy decoding; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -70,7 +63,9 @@ class _Sampling(Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, int] | None = None
+    logit_bias: dict[str, int] | None = Field(None, description="Token id -> -100..100, up to 300 entries.")
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema "
+                                                   "({name, schema, strict}): constrained decoding.")
     user: Annotated[str, StringConstraints(max_length=256)] | None = Field(None, description="Ignored.")
 
     @property
@@ -88,6 +83,22 @@ class _Sampling(Strict):
             raise ApiError(400, "invalid_request", "Invalid value for 'stop': up to 4 strings", "stop")
         return stop
 
+    @property
+    def native_format(self) -> dict[str, Any] | None:
+        """``response_format`` as the native request's (``{"type": "json_schema", "schema": …}``), None for
+        text; a 400 naming it when its shape is not OpenAI's."""
+        rf = self.response_format
+        if rf is None or rf.get("type") == "text":
+            return None
+        if rf.get("type") == "json_object":
+            return {"type": "json_object"}
+        spec = rf.get("json_schema")
+        if rf.get("type") != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "invalid_request", "Invalid value for 'response_format': expected {'type': "
+                           "'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name': "
+                           "…, 'schema': {…}}}", "response_format")
+        return {"type": "json_schema", "schema": spec["schema"]}
+
     def unsupported(self) -> None:
         """A 400 naming the first field that asks for what ftaas does not do."""
         for field, (honoured, instead) in self.NOOP.items():
@@ -98,7 +109,7 @@ class _Sampling(Strict):
 
 
 class CompletionCreate(_Sampling):
-    NOOP = _PENALTIES | {
+    NOOP = {
         "suffix": (_empty, "inserting text before a suffix is not offered"),
     }
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
@@ -133,10 +144,6 @@ class ChatMessageIn(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-def _text_format(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and v.get("type") == "text")
-
-
 def _text_only(v: Any) -> bool:
     return v is None or list(v) == ["text"]
 
@@ -146,12 +153,11 @@ def _no_tool_choice(v: Any) -> bool:
 
 
 class ChatCompletionCreate(_Sampling):
-    NOOP = _PENALTIES | {
+    NOOP = {
         "tools": (_empty, "tools (function calling) are not offered"),
         "functions": (_empty, "functions (function calling) are not offered"),
         "tool_choice": (_no_tool_choice, "only 'none' or 'auto' (no tools) is offered"),
         "function_call": (_no_tool_choice, "only 'none' or 'auto' (no functions) is offered"),
-        "response_format": (_text_format, "only {'type': 'text'} is offered"),
         "modalities": (_text_only, "only ['text'] is offered"),
         "audio": (_none, "audio output is not offered"),
         "prediction": (_none, "predicted outputs are not offered"),
@@ -177,7 +183,6 @@ class ChatCompletionCreate(_Sampling):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None

@@ -31,6 +31,13 @@ Keys (``P`` is ``settings.redis_prefix``):
                           refreshed while it runs (TTL ``SERVING_TTL_S``); read by ``GET /adapters``
   ``P:stats``             hash of service-wide counters (HINCRBY): ``adapter_hits`` and ``adapter_loads``,
                           counted by the generate worker (adapter already cached / loaded from disk)
+  ``P:webhook:<id>``      hash: a webhook endpoint (url, its ``whsec_`` signing secret, tenant, created_at)
+  ``P:webhooks``          sorted set of every endpoint id (score 0, ordered by id = by creation time)
+  ``P:tenant:<t>:webhooks`` set of the ids of tenant ``t``'s endpoints
+  ``P:webhooks:outbox``   sorted set of pending deliveries ``<event id>:<endpoint id>``, scored by the
+                          time of their next attempt; written by ``_UPDATE`` with a job's terminal status
+  ``P:webhooks:delivery:<delivery id>`` hash: the event body sent, endpoint, job, attempts, last error,
+                          then ``status`` (``delivered`` | ``given_up`` | ``dropped``; TTL 7 days then)
   ``<K><queue>``          Celery's own list of a queue's waiting messages, plus one per priority 3, 6, 9
                           (the name, kombu's separator, the priority); ``K`` = the broker's
                           ``global_keyprefix`` (``P:celery:``). Written by Celery, only read here
@@ -49,6 +56,9 @@ Who writes which keys (each store is one module; new keys go into the list above
   ops.py          ``OpsCounters`` (a base of JobStore): ``P:stats``; reads the per-status indexes and Celery's lists
   datasets.py     ``DatasetStore``: ``P:dataset:<id>``, ``P:dataset:<id>:jobs``, ``P:datasets``,
                   ``P:tenant:<t>:datasets``
+  webhooks.py     ``WebhookStore``: ``P:webhook:<id>``, ``P:webhooks``, ``P:tenant:<t>:webhooks``; claims,
+                  reschedules and ends ``P:webhooks:outbox`` entries and their ``:delivery:`` hashes (jobs.py
+                  ``_UPDATE`` creates them)
   generations.py  ``GenerationStore``: ``P:gen:<id>``, ``P:serving:<worker>``
   base.py         ``redis_client`` and ``_Store``, the client and key prefix they share
 """
@@ -60,6 +70,7 @@ from app.core.store.generations import GEN_TTL_S, SERVING_TTL_S, GenerationStore
 from app.core.store.jobs import EVENTS_MAXLEN, LEGAL_FROM, METRICS_MAXLEN, JobStore
 from app.core.store.ops import OpsCounters
 from app.core.store.tenants import TenantQuotas
+from app.core.store.webhooks import WebhookStore
 
 __all__ = [
     "EVENTS_MAXLEN",
@@ -72,6 +83,7 @@ __all__ = [
     "JobStore",
     "OpsCounters",
     "TenantQuotas",
+    "WebhookStore",
     "new_id",
     "new_job_id",
     "redis_client",

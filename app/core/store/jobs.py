@@ -11,6 +11,7 @@ import redis
 from app.core.jobs import TERMINAL_STATUSES
 from app.core.store.ops import OpsCounters
 from app.core.store.tenants import TenantQuotas
+from app.core.webhooks import terminal_event
 
 LEGAL_FROM: dict[str, tuple[str, ...]] = {
     "running": ("queued",),
@@ -26,7 +27,10 @@ METRICS_MAXLEN = 20_000
 # KEYS: job hash, its event stream, its metrics list. ARGV: prefix, id, allowed current statuses (csv),
 # new status ('' = keep), event type ('' = none), event time, event data (JSON), metric point (JSON or ''),
 # lease guard ('' = none; '-' = KEYS[4], the job's lease, must not exist; else the hash's ``owner`` must
-# equal it), then field/value pairs. A job leaving ``running`` drops its owner and that owner's lease.
+# equal it), webhook event id and body ('' = none: see app/core/webhooks.py), then field/value pairs.
+# A job leaving ``running`` drops its owner and that owner's lease. A terminal change (the caller passes
+# an event body only then) also puts one delivery per webhook endpoint of the job's tenant into the
+# outbox (app/core/store/webhooks.py), in this same atomic step: no terminal status without its deliveries.
 # The event is written in the same step as the change it reports, so a reader
 # that sees a finished job has seen its last event too.
 # Returns {1, old_status} when applied, {0, current_status} when not, {0, false} for an unknown job.
@@ -41,7 +45,7 @@ if ARGV[9] == '-' then
 elseif ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then
   return {0, cur}
 end
-if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+if #ARGV > 11 then redis.call('HSET', KEYS[1], unpack(ARGV, 12)) end
 if cur == 'running' and ARGV[4] ~= '' and ARGV[4] ~= cur then
   local owner = redis.call('HGET', KEYS[1], 'owner')
   if owner and redis.call('GET', KEYS[4]) == owner then redis.call('DEL', KEYS[4]) end
@@ -51,6 +55,15 @@ if ARGV[4] ~= '' and ARGV[4] ~= cur then
   redis.call('HSET', KEYS[1], 'status', ARGV[4])
   redis.call('ZREM', ARGV[1] .. ':jobs:' .. cur, ARGV[2])
   redis.call('ZADD', ARGV[1] .. ':jobs:' .. ARGV[4], 0, ARGV[2])
+  local tenant = ARGV[11] ~= '' and redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then
+    for _, wid in ipairs(redis.call('SMEMBERS', ARGV[1] .. ':tenant:' .. tenant .. ':webhooks')) do
+      local did = ARGV[10] .. ':' .. wid
+      redis.call('HSET', ARGV[1] .. ':webhooks:delivery:' .. did, 'webhook', wid, 'event', ARGV[10],
+                 'job', ARGV[2], 'body', ARGV[11], 'attempts', 0)
+      redis.call('ZADD', ARGV[1] .. ':webhooks:outbox', ARGV[6], did)
+    end
+  end
 end
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_EVENTS_MAXLEN, '*', 'type', ARGV[5], 'time', ARGV[6], 'data', ARGV[7])
@@ -184,11 +197,13 @@ class JobStore(TenantQuotas, OpsCounters):
         for k, v in fields.items():
             flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
         kind, data = event or ("", {})
-        key = self._key(job_id)
+        key, now = self._key(job_id), time.time()
+        hook_id, hook_body = terminal_event(job_id, new_status, now) if new_status in TERMINAL_STATUSES else ("", "")
         applied, cur = self._update(
             keys=[key, f"{key}:events", f"{key}:metrics", f"{key}:lease"],
-            args=[self.p, job_id, ",".join(allowed), new_status, kind, time.time(), json.dumps(data),
-                  json.dumps(metric) if metric else "", guard if guard is not None else self.guard, *flat])
+            args=[self.p, job_id, ",".join(allowed), new_status, kind, now, json.dumps(data),
+                  json.dumps(metric) if metric else "", guard if guard is not None else self.guard,
+                  hook_id, hook_body, *flat])
         return bool(applied), cur or None
 
     def transition(self, job_id: str, new_status: str, **fields: Any) -> tuple[bool, str | None]:
