@@ -68,10 +68,10 @@ def test_n_logprobs_and_echo_through_the_service(client: httpx.Client) -> None:
     assert score.status_code == 200, score.text
     (only,) = score.json()["outputs"]
     assert (only["text"], only["tokens"], only["finish_reason"]) == ("", 0, "length")
-    assert only["logprobs"]["token_ids"] == outputs[2]["logprobs"]["token_ids"][:only["prompt_tokens"]]
+    assert only["logprobs"]["token_ids"] == outputs[2]["logprobs"]["token_ids"][:only["prompt_tokens"] - 1]
     assert only["logprobs"]["token_logprobs"] == pytest.approx(
-        outputs[2]["logprobs"]["token_logprobs"][:only["prompt_tokens"]], abs=1e-3)
-    assert all(t == {} for t in only["logprobs"]["top_logprobs"][1:])
+        outputs[2]["logprobs"]["token_logprobs"][:only["prompt_tokens"] - 1], abs=1e-3)
+    assert all(t == {} for t in only["logprobs"]["top_logprobs"])
     plain = client.post("/generate", json={"prompt": PROMPTS[0], "max_new_tokens": 3}).json()["outputs"]
     assert len(plain) == 1 and plain[0]["logprobs"] is None and plain[0]["prompt_tokens"] >= 2
 

@@ -24,7 +24,7 @@ Keys (``P`` is ``settings.redis_prefix``):
                           means the worker is gone (see app/core/lease.py). The job hash's ``owner`` field
                           names the attempt that may write (fencing): a worker whose attempt was
                           requeued by the reaper can no longer change the job
-  ``P:gen:<id>``          stream of one streamed generate request's events (``token``: prompt index and
+  ``P:gen:<id>``          stream of one streamed generate request's events (``token``: output index and
                           new text; then ``done`` with the result or ``error``), written by the generate
                           worker, relayed as SSE by the API (TTL ``GEN_TTL_S``)
   ``P:serving:<worker>``  JSON: what a generate worker has loaded (base models and their adapters),
