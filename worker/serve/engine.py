@@ -34,7 +34,7 @@ from worker.decoding import LENGTH, STOP, FinishReason, decode_new, end_token_id
 from worker.serve.adapter_slots import BASE_MODEL, AdapterSlots
 from worker.serve.grammar import Grammars, allowed
 from worker.serve.kv_cache import SlotCache
-from worker.serve.logprobs import RowLogprobs, as_output, prompt_entries, record
+from worker.serve.logprobs import RowLogprobs, added_in_front, as_output, prompt_entries, record
 from worker.serve.multi_lora import install
 from worker.serve.rows import Piece, Request, Row
 from worker.serve.sampling import Params, adjust, holdback, sample
@@ -60,11 +60,11 @@ class BatchEngine:
         # Graphs need the whole length up front; eager (CPU) grows the cache as prompts need it.
         self.cache = SlotCache(cfg.num_hidden_layers, max_rows, cfg.num_key_value_heads, head_dim,
                                max_len if self.graphed else min(max_len, 256), self.dtype, self.device)
-        # every end token of the model (its chat template's end of turn too), and pad as before
-        self.eos = end_token_ids(tokenizer, model) | {e for e in [tokenizer.pad_token_id] if e is not None}
+        self.eos = end_token_ids(tokenizer, model) | ({tokenizer.pad_token_id} - {None})  # every end token, pad
         self.vocab = int(model.get_input_embeddings().num_embeddings)  # the logits' width
         self.ends = sorted(e for e in self.eos if e < self.vocab)
         self.grammars = Grammars(tokenizer, self.vocab)  # response_format: compiled per schema, cached
+        self.added = added_in_front(tokenizer)  # its leading special tokens (<bos>): never echoed
         # transformers >= 5.2x names the model's cache argument ``cache`` (``past_key_values`` before)
         params = inspect.signature(model.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -188,9 +188,10 @@ class BatchEngine:
         q, k = p[None, None, :, None], p[None, None, None, :]
         pos = p[None, :].expand(len(rows), t)
         hidden = self._forward(ids.to(self.device), pos, self._masks(k <= q, q, k))  # [group, t, hidden]
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows):  # echo: the prompt's entries, the tokenizer's leading ones left out
             if r.lp is not None and r.req.params.echo:
-                r.lp.prompt = prompt_entries(self._logits, hidden[i, : len(r.prompt)], r.prompt, r.lp.k)
+                n = len(r.prompt)
+                r.lp.prompt = prompt_entries(self._logits, hidden[i, :n], r.prompt, r.lp.k, min(self.added, n - 1))
         last = torch.tensor([len(r.prompt) - 1 for r in rows], device=self.device)
         return self._logits(hidden[torch.arange(len(rows), device=self.device), last])
 

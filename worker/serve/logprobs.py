@@ -71,12 +71,21 @@ def record(rows: list[tuple[RowLogprobs, int, int]], logits: torch.Tensor) -> No
         lp.generated.append(entry)
 
 
+def added_in_front(tok: PreTrainedTokenizerBase) -> int:
+    """How many special tokens the tokenizer puts before a prompt's own (Gemma's <bos>: 1). They are not the
+    text the client sent, so not echoed: evaluation harnesses slice the echoed lists by the context's token count
+    without them (lm-evaluation-harness: ``token_logprobs[ctxlen:-1]``); echoing <bos> shifted that by one."""
+    with_special = tok("a", add_special_tokens=True)["input_ids"]
+    return max(len(with_special) - len(tok("a", add_special_tokens=False)["input_ids"]), 0)
+
+
 def prompt_entries(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, ids: list[int],
-                   k: int) -> list[Entry]:
-    """The prompt's entries from the prefill's ``hidden [len(ids), hidden]`` of one row: position p's logits
-    score token p + 1 (``logits_of`` is the engine's lm_head and softcap), chunk by chunk."""
-    out: list[Entry] = [(ids[0], None, None)]
-    for s in range(0, len(ids) - 1, PROMPT_CHUNK):
+                   k: int, skip: int = 0) -> list[Entry]:
+    """The prompt's entries from the prefill's ``hidden [len(ids), hidden]`` of one row, from token ``skip`` on
+    (the tokenizer's own leading tokens left out): position p's logits score token p + 1 (``logits_of`` is the
+    engine's lm_head and softcap), chunk by chunk."""
+    out: list[Entry] = [] if skip else [(ids[0], None, None)]
+    for s in range(max(skip - 1, 0), len(ids) - 1, PROMPT_CHUNK):
         e = min(s + PROMPT_CHUNK, len(ids) - 1)
         out += chosen(logits_of(hidden[s:e]), list(range(e - s)), ids[s + 1:e + 1], [k] * (e - s))
     return out
@@ -94,22 +103,8 @@ def _offsets(tok: PreTrainedTokenizerBase, ids: list[int], base: int) -> list[in
     return offsets
 
 
-def _added_in_front(tok: PreTrainedTokenizerBase, prompt: str, ids: list[int]) -> int:
-    """How many special tokens the tokenizer put before the prompt's own (Gemma's <bos>): not part of the text
-    the client sent, so not echoed. Evaluation harnesses slice the echoed lists by the context's token count
-    without them (lm-evaluation-harness: ``token_logprobs[ctxlen:-1]``); echoing <bos> shifted that by one."""
-    added = len(ids) - len(tok(prompt, add_special_tokens=False)["input_ids"])
-    special = set(tok.all_special_ids)
-    n = 0
-    while n < min(added, len(ids)) and ids[n] in special:
-        n += 1
-    return n
-
-
 def as_output(lp: RowLogprobs, tok: PreTrainedTokenizerBase, prompt: str | None) -> dict[str, Any]:
     """The row's ``logprobs`` output (the module docstring); ``prompt``: its text when it echoes."""
-    if prompt is not None and lp.prompt:
-        lp.prompt = lp.prompt[_added_in_front(tok, prompt, [t for t, _, _ in lp.prompt]):]
     entries = [*lp.prompt, *lp.generated]
     wanted = sorted({t for t, _, _ in entries} | {i for _, _, top in entries for i, _ in top or []})
     text = dict(zip(wanted, tok.batch_decode([[i] for i in wanted], skip_special_tokens=False), strict=True))
